@@ -1,0 +1,31 @@
+//! kvmesh: a distributed, in-memory key-value store with a line-based text
+//! protocol, whose nodes meet over NATS.
+//!
+//! One request takes one path, and every path ends in the same value:
+//!
+//! ```text
+//! nc ─line─▶ server ─▶ protocol::parse ─▶ Command ─▶ router
+//!                                          owner is me │ owner is another node
+//!                                    registry.apply ◀──┴──▶ mesh.request(owner) ── NATS kv.node.<owner>
+//!                                                                    (owner: mesh.serve ─▶ router, hops+1)
+//!                               Result<Reply, KvError> ◀─────────────┘
+//!                                          │
+//!                   protocol::write_result ─line─▶ nc      serde_json ─▶ NATS reply
+//! ```
+//!
+//! Dependencies point one way: `node → server/config → router → protocol,
+//! registry → command, error`.
+
+pub mod command;
+pub mod config;
+pub mod error;
+pub mod node;
+pub mod protocol;
+pub mod registry;
+pub mod router;
+pub mod server;
+
+pub use command::{Command, Limits, Reply};
+pub use config::{Config, ConfigError, Overrides};
+pub use error::{ErrorCode, KvError};
+pub use node::{Node, StartError};

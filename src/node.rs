@@ -1,0 +1,148 @@
+//! Wiring: a [`Node`] is a configuration brought to life — a bound listener, a
+//! router over this node's registry, the accept loop — and the way to stop it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::command::Limits;
+use crate::config::{Config, Invalid};
+use crate::registry::Registry;
+use crate::router::Router;
+use crate::server::{self, ServerLimits};
+
+/// Pending connections the kernel queues for us. The usual 128 drops connects
+/// during a burst of a thousand; the kernel caps this at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// How long a stopping node waits for requests in flight before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration does not validate.
+    #[error(transparent)]
+    Config(#[from] Invalid),
+    /// The TCP address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// A running node.
+pub struct Node {
+    name: String,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    accept_loop: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Validates `config`, binds its address and starts serving. Returns once the
+    /// node accepts connections.
+    pub async fn start(config: Config) -> Result<Node, StartError> {
+        config.validate()?;
+        let table = config.routing_table()?;
+        let listener = bind(&config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+        let nats = match config.nats_servers() {
+            Some(servers) => servers.join(","),
+            None => "not needed (this node owns every routed bucket)".to_string(),
+        };
+        info!(node = %config.node, %addr, routes = %table, %nats, "kvmesh node listening");
+        let router = Arc::new(Router::new(
+            &config.node,
+            table,
+            Registry::new(),
+            config.max_hops,
+        ));
+        let limits = ServerLimits {
+            max_line_bytes: config.max_line_bytes,
+            max_connections: config.max_connections,
+            limits: Limits {
+                max_value_bytes: config.max_value_bytes,
+            },
+        };
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let accept_loop = tokio::spawn(server::run(
+            listener,
+            router,
+            limits,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        Ok(Node {
+            name: config.node,
+            addr,
+            shutdown,
+            tracker,
+            accept_loop,
+        })
+    }
+
+    /// The address the text front end listens on (the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Stops accepting, lets the requests in flight finish (for up to ten
+    /// seconds), and returns.
+    pub async fn shutdown(self) {
+        info!(node = %self.name, "shutting down");
+        self.shutdown.cancel();
+        let _ = self.accept_loop.await;
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                connections = self.tracker.len(),
+                "connections still busy after the grace period; closing them"
+            );
+        }
+        info!(node = %self.name, "stopped");
+    }
+}
+
+/// Binds with a deep accept backlog.
+async fn bind(listen: &str) -> io::Result<TcpListener> {
+    let addr = tokio::net::lookup_host(listen)
+        .await?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "address resolves to nothing"))?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}

@@ -1,0 +1,414 @@
+//! Routing: which node owns a bucket, and where a command is executed.
+//!
+//! [`RoutingTable::owner_of`] is a pure lookup on the bucket name's first byte (a
+//! 256-entry index built once from the ordered table, so the first matching entry
+//! wins at O(1)). [`Router`] decides per command: run it on this node's registry,
+//! or forward it to the owner through the [`Mesh`], counting hops.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::command::{Command, Reply};
+use crate::error::KvError;
+use crate::registry::Registry;
+
+/// An inclusive range of first bytes: `a-m`, `x`, or `*` (every byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    lo: u8,
+    hi: u8,
+}
+
+impl ByteRange {
+    /// Every byte, 0 to 255: the catch-all `*`.
+    pub const ALL: ByteRange = ByteRange { lo: 0, hi: 255 };
+
+    /// Whether `byte` falls in the range.
+    pub fn contains(&self, byte: u8) -> bool {
+        (self.lo..=self.hi).contains(&byte)
+    }
+
+    /// Whether this is the catch-all `*`.
+    pub fn is_catch_all(&self) -> bool {
+        *self == Self::ALL
+    }
+
+    fn overlaps(&self, other: &ByteRange) -> bool {
+        self.lo <= other.hi && other.lo <= self.hi
+    }
+}
+
+impl FromStr for ByteRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let printable = |b: u8| (0x21..=0x7e).contains(&b);
+        match s.as_bytes() {
+            b"*" => Ok(Self::ALL),
+            &[b] if printable(b) => Ok(ByteRange { lo: b, hi: b }),
+            &[lo, b'-', hi] if printable(lo) && printable(hi) => {
+                if lo <= hi {
+                    Ok(ByteRange { lo, hi })
+                } else {
+                    Err(format!(
+                        "range {s:?} runs backwards (write \"{}-{}\")",
+                        hi as char, lo as char
+                    ))
+                }
+            }
+            _ => Err(format!(
+                "bad range {s:?}: use \"*\", one printable ASCII character like \"x\", \
+                 or two joined by a dash like \"a-m\""
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ByteRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_catch_all() {
+            f.write_str("*")
+        } else if self.lo == self.hi {
+            write!(f, "{}", self.lo as char)
+        } else {
+            write!(f, "{}-{}", self.lo as char, self.hi as char)
+        }
+    }
+}
+
+/// Whether `name` is a valid node name: `[A-Za-z0-9_-]+`.
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Why a routing table was refused: which entry, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableError {
+    /// The position of the offending entry.
+    pub index: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+const NO_ENTRY: u16 = u16::MAX;
+
+/// An ordered list of `(range, node)` entries; the first match wins.
+#[derive(Debug, Clone)]
+pub struct RoutingTable {
+    entries: Vec<(ByteRange, Arc<str>)>,
+    index: [u16; 256],
+}
+
+impl RoutingTable {
+    /// Builds a table, refusing overlapping ranges, bad node names and entries
+    /// that a catch-all before them makes unreachable. A `*` may overlap
+    /// earlier entries: it takes whatever bytes they leave.
+    pub fn new(entries: Vec<(ByteRange, String)>) -> Result<Self, TableError> {
+        let mut index = [NO_ENTRY; 256];
+        for (i, (range, node)) in entries.iter().enumerate() {
+            let fail = |message: String| TableError { index: i, message };
+            if !valid_node_name(node) {
+                return Err(fail(format!(
+                    "bad node name {node:?}: use letters, digits, '_' and '-'"
+                )));
+            }
+            if let Some(j) = entries[..i].iter().position(|(r, _)| r.is_catch_all()) {
+                return Err(fail(format!(
+                    "entry {range} is unreachable: the catch-all \"*\" of entry {j} comes first"
+                )));
+            }
+            let overlapped = entries[..i].iter().position(|(r, _)| r.overlaps(range));
+            if let Some(j) = overlapped.filter(|_| !range.is_catch_all()) {
+                return Err(fail(format!(
+                    "range {range} overlaps range {} of entry {j}",
+                    entries[j].0
+                )));
+            }
+            for byte in range.lo..=range.hi {
+                if index[byte as usize] == NO_ENTRY {
+                    index[byte as usize] = i as u16;
+                }
+            }
+        }
+        let entries = entries
+            .into_iter()
+            .map(|(range, node)| (range, Arc::from(node)))
+            .collect();
+        Ok(Self { entries, index })
+    }
+
+    /// The table of a node that owns every byte.
+    pub fn catch_all(node: &str) -> Self {
+        Self {
+            entries: vec![(ByteRange::ALL, Arc::from(node))],
+            index: [0; 256],
+        }
+    }
+
+    /// The node that owns `bucket`, if any entry covers its first byte.
+    pub fn owner_of(&self, bucket: &str) -> Option<&str> {
+        let first = *bucket.as_bytes().first()?;
+        match self.index[first as usize] {
+            NO_ENTRY => None,
+            i => Some(&self.entries[i as usize].1),
+        }
+    }
+
+    /// The entries, in order.
+    pub fn entries(&self) -> impl Iterator<Item = (ByteRange, &str)> {
+        self.entries.iter().map(|(r, n)| (*r, &**n))
+    }
+
+    /// Whether any entry names a node other than `me`.
+    pub fn names_other_than(&self, me: &str) -> bool {
+        self.entries.iter().any(|(_, n)| &**n != me)
+    }
+}
+
+impl fmt::Display for RoutingTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.entries.is_empty() {
+            return f.write_str("(empty)");
+        }
+        for (i, (range, node)) in self.entries.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{range}→{node}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a command will run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// On this node's registry.
+    Local,
+    /// On another node, reached through the mesh.
+    Remote(&'a str),
+}
+
+/// Decides where each command runs and runs it there.
+pub struct Router {
+    node: Arc<str>,
+    table: RoutingTable,
+    registry: Registry,
+    max_hops: u32,
+}
+
+impl Router {
+    /// A router for node `node`.
+    pub fn new(node: &str, table: RoutingTable, registry: Registry, max_hops: u32) -> Self {
+        Self {
+            node: Arc::from(node),
+            table,
+            registry,
+            max_hops,
+        }
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Where `command`, having already made `hops` hops, runs next.
+    ///
+    /// The hop limit exists because tables may differ from node to node: two
+    /// nodes that each think the other owns a bucket would otherwise bounce a
+    /// request between them forever.
+    pub fn target(&self, command: &Command, hops: u32) -> Result<Target<'_>, KvError> {
+        let bucket = command.bucket();
+        match self.table.owner_of(bucket) {
+            None => Err(KvError::no_route(bucket)),
+            Some(owner) if owner == &*self.node => Ok(Target::Local),
+            Some(_) if hops >= self.max_hops => Err(KvError::routing_loop(bucket)),
+            Some(owner) => Ok(Target::Remote(owner)),
+        }
+    }
+
+    /// Runs a command that [`Router::target`] placed on this node.
+    pub fn execute_local(&self, command: Command) -> Result<Reply, KvError> {
+        match command {
+            Command::Where { .. } => Ok(Reply::Node(self.node.to_string())),
+            other => self.registry.apply(other),
+        }
+    }
+
+    /// Sends a command to `owner`; the request arrives there with `hops + 1` hops.
+    pub async fn forward(
+        &self,
+        owner: &str,
+        command: &Command,
+        hops: u32,
+    ) -> Result<Reply, KvError> {
+        let _ = (owner, command, hops);
+        Err(KvError::mesh_unavailable())
+    }
+
+    /// Routes and runs a command wherever it belongs.
+    pub async fn dispatch(&self, command: Command, hops: u32) -> Result<Reply, KvError> {
+        match self.target(&command, hops)? {
+            Target::Local => self.execute_local(command),
+            Target::Remote(owner) => self.forward(owner, &command, hops).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(s: &str) -> ByteRange {
+        s.parse().unwrap()
+    }
+
+    fn table(entries: &[(&str, &str)]) -> Result<RoutingTable, TableError> {
+        RoutingTable::new(
+            entries
+                .iter()
+                .map(|(r, n)| (range(r), n.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn ranges_parse_and_print() {
+        for (text, lo, hi) in [
+            ("a-m", b'a', b'm'),
+            ("x", b'x', b'x'),
+            ("*", 0, 255),
+            ("0-9", b'0', b'9'),
+            ("-", b'-', b'-'),
+            ("!-~", b'!', b'~'),
+            ("a-a", b'a', b'a'),
+        ] {
+            let r = range(text);
+            assert_eq!((r.lo, r.hi), (lo, hi), "{text}");
+        }
+        assert_eq!(range("a-m").to_string(), "a-m");
+        assert_eq!(range("x").to_string(), "x");
+        assert_eq!(range("*").to_string(), "*");
+        for bad in [
+            "", "m-a", "ab", "a-", "a-mm", " ", "a - m", "é", "\u{7f}", "a-\t", "**",
+        ] {
+            assert!(bad.parse::<ByteRange>().is_err(), "{bad:?} must be refused");
+        }
+        assert!(
+            "m-a"
+                .parse::<ByteRange>()
+                .unwrap_err()
+                .contains("backwards")
+        );
+    }
+
+    #[test]
+    fn first_byte_decides_the_owner() {
+        let t = table(&[("a-m", "foo"), ("n-z", "bar")]).unwrap();
+        let cases = [
+            ("apple", Some("foo")),
+            ("m", Some("foo")),
+            ("mango", Some("foo")),
+            ("nut", Some("bar")),
+            ("zebra", Some("bar")),
+            ("Apple", None),
+            ("0day", None),
+            ("{", None),
+            ("\u{e9}t\u{e9}", None),
+            ("", None),
+        ];
+        for (bucket, owner) in cases {
+            assert_eq!(t.owner_of(bucket), owner, "{bucket}");
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_catch_all_takes_the_rest() {
+        let t = table(&[("a", "one"), ("b-z", "two"), ("*", "rest")]).unwrap();
+        assert_eq!(t.owner_of("abc"), Some("one"));
+        assert_eq!(t.owner_of("bcd"), Some("two"));
+        assert_eq!(t.owner_of("Zed"), Some("rest"));
+        assert_eq!(t.owner_of("\u{e9}t\u{e9}"), Some("rest"));
+        assert_eq!(t.owner_of("\u{1F600}"), Some("rest"));
+        let all = RoutingTable::catch_all("local");
+        for b in ["a", "Z", "~", "\u{e9}", "\u{0}"] {
+            assert_eq!(all.owner_of(b), Some("local"));
+        }
+    }
+
+    #[test]
+    fn bad_tables_are_refused_with_the_entry() {
+        let overlap = table(&[("a-m", "foo"), ("m-z", "bar")]).unwrap_err();
+        assert_eq!(overlap.index, 1);
+        assert!(
+            overlap.message.contains("overlaps range a-m of entry 0"),
+            "{}",
+            overlap.message
+        );
+        let unreachable = table(&[("*", "foo"), ("a", "bar")]).unwrap_err();
+        assert_eq!(unreachable.index, 1);
+        assert!(unreachable.message.contains("unreachable"));
+        let name = table(&[("a", "foo"), ("b", "bad name")]).unwrap_err();
+        assert_eq!(name.index, 1);
+        assert!(name.message.contains("bad node name"));
+        assert!(table(&[("a", "")]).is_err());
+        assert!(table(&[]).is_ok());
+    }
+
+    #[test]
+    fn node_names() {
+        for good in ["foo", "node-1", "A_b-9", "1"] {
+            assert!(valid_node_name(good), "{good}");
+        }
+        for bad in ["", "a b", "a.b", "a*", "é", "a>"] {
+            assert!(!valid_node_name(bad), "{bad}");
+        }
+    }
+
+    fn router(table: RoutingTable) -> Router {
+        Router::new("foo", table, Registry::new(), 2)
+    }
+
+    #[test]
+    fn target_counts_hops() {
+        let r = router(table(&[("a-m", "foo"), ("n-z", "bar")]).unwrap());
+        let get = |b: &str| Command::Get {
+            bucket: b.into(),
+            key: "k".into(),
+        };
+        assert_eq!(r.target(&get("apple"), 0), Ok(Target::Local));
+        assert_eq!(r.target(&get("apple"), 99), Ok(Target::Local));
+        assert_eq!(r.target(&get("nut"), 0), Ok(Target::Remote("bar")));
+        assert_eq!(r.target(&get("nut"), 1), Ok(Target::Remote("bar")));
+        assert_eq!(r.target(&get("nut"), 2), Err(KvError::routing_loop("nut")));
+        assert_eq!(r.target(&get("Nut"), 0), Err(KvError::no_route("Nut")));
+    }
+
+    #[tokio::test]
+    async fn without_a_mesh_remote_buckets_are_unavailable() {
+        let r = router(table(&[("a-m", "foo"), ("n-z", "bar")]).unwrap());
+        let res = r
+            .dispatch(
+                Command::Where {
+                    bucket: "nut".into(),
+                },
+                0,
+            )
+            .await;
+        assert_eq!(res, Err(KvError::mesh_unavailable()));
+        let res = r
+            .dispatch(
+                Command::Where {
+                    bucket: "apple".into(),
+                },
+                0,
+            )
+            .await;
+        assert_eq!(res, Ok(Reply::Node("foo".into())));
+    }
+}

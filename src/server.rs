@@ -1,0 +1,438 @@
+//! The TCP side: the accept loop, the connection limit, line framing, and
+//! pipelined answers written back in request order.
+//!
+//! Each connection runs two halves in one task. The reader frames lines, parses
+//! them and runs local commands at once, appending their answers to a chunk; a
+//! command for another node is forwarded in its own task so that pipelined remote
+//! requests travel side by side. The writer takes chunks and remote answers from
+//! a bounded queue in request order and flushes only when the queue is empty, so
+//! a pipelined burst costs few system calls. The queue's bound is the
+//! backpressure: a client that never reads stops being read.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::command::{Limits, Reply};
+use crate::error::KvError;
+use crate::protocol::{self, LineError, Request};
+use crate::router::{Router, Target};
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 16 * 1024;
+/// A chunk of ready answers is handed to the writer once it grows past this.
+const CHUNK_BYTES: usize = 16 * 1024;
+/// Answers (chunks or remote requests) queued per connection before the reader
+/// waits for the writer: the bound on a connection's pipelined work.
+const QUEUE_DEPTH: usize = 64;
+
+/// What the TCP front end needs to know besides the router.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Longest line, without its terminator.
+    pub max_line_bytes: usize,
+    /// Most connections served at once.
+    pub max_connections: usize,
+    /// Name and value limits.
+    pub limits: Limits,
+}
+
+/// Accepts connections until `shutdown` is cancelled; each connection is a task
+/// on `tracker`, so the caller can wait for the requests in flight.
+pub async fn run(
+    listener: TcpListener,
+    router: Arc<Router>,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(err) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let router = router.clone();
+                let shutdown = shutdown.clone();
+                let span = info_span!("conn", %peer);
+                tracker.spawn(
+                    async move {
+                        serve(stream, peer, &router, limits, shutdown).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(_) => {
+                debug!(%peer, "refused: too many connections");
+                tracker.spawn(refuse(stream));
+            }
+        }
+    }
+    debug!("stopped accepting");
+}
+
+/// Tells a connection over the limit why it is closed.
+async fn refuse(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(protocol::TOO_MANY_CONNECTIONS).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// One item of a connection's answer queue, in request order.
+enum Pending {
+    /// Answers already formatted.
+    Ready(BytesMut),
+    /// A command forwarded to another node.
+    Remote(JoinHandle<Result<Reply, KvError>>),
+    /// `QUIT`: say goodbye and close.
+    Close,
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    router: &Arc<Router>,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+) {
+    debug!("connected");
+    if let Err(err) = stream.set_nodelay(true) {
+        debug!(error = %err, "set_nodelay failed");
+    }
+    let (mut rd, mut wr) = stream.split();
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let reader = read_requests(&mut rd, tx, router, limits, &shutdown);
+    let writer = write_answers(&mut wr, rx);
+    tokio::pin!(reader, writer);
+    let outcome = tokio::select! {
+        read = &mut reader => match read {
+            // The reader is done (end of input, QUIT, shutdown): let the writer drain.
+            Ok(()) => writer.await,
+            Err(err) => Err(err),
+        },
+        // The writer only stops first when the socket broke.
+        written = &mut writer => written,
+    };
+    match outcome {
+        Ok(()) => debug!(%peer, "closed"),
+        Err(err) => debug!(%peer, error = %err, "closed on error"),
+    }
+}
+
+/// Reads, frames and parses lines; runs local commands; queues every answer.
+async fn read_requests(
+    rd: &mut (impl tokio::io::AsyncRead + Unpin),
+    tx: mpsc::Sender<Pending>,
+    router: &Arc<Router>,
+    limits: ServerLimits,
+    shutdown: &CancellationToken,
+) -> io::Result<()> {
+    let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "writer stopped");
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut framer = Framer::new(limits.max_line_bytes);
+    let mut out = BytesMut::new();
+    loop {
+        buf.reserve(READ_CHUNK);
+        let n = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            n = rd.read_buf(&mut buf) => n?,
+        };
+        let at_eof = n == 0;
+        loop {
+            let frame = if at_eof {
+                framer.next(&mut buf).or_else(|| framer.rest(&mut buf))
+            } else {
+                framer.next(&mut buf)
+            };
+            let Some(frame) = frame else { break };
+            let line = match frame {
+                Frame::Line(line) => line,
+                Frame::TooLong => {
+                    protocol::write_line_error(&mut out, &LineError::TooLong);
+                    continue;
+                }
+            };
+            match protocol::parse(&line, &limits.limits) {
+                Ok(Request::Ping) => out.put_slice(protocol::PONG),
+                Ok(Request::Quit) => {
+                    if !out.is_empty() {
+                        tx.send(Pending::Ready(out.split()))
+                            .await
+                            .map_err(|_| closed())?;
+                    }
+                    tx.send(Pending::Close).await.map_err(|_| closed())?;
+                    return Ok(());
+                }
+                Ok(Request::Op(command)) => match router.target(&command, 0) {
+                    Ok(Target::Local) => {
+                        protocol::write_result(&mut out, &router.execute_local(command))
+                    }
+                    Ok(Target::Remote(owner)) => {
+                        let owner = owner.to_owned();
+                        let router = router.clone();
+                        let task =
+                            tokio::spawn(async move { router.forward(&owner, &command, 0).await });
+                        if !out.is_empty() {
+                            tx.send(Pending::Ready(out.split()))
+                                .await
+                                .map_err(|_| closed())?;
+                        }
+                        tx.send(Pending::Remote(task)).await.map_err(|_| closed())?;
+                    }
+                    Err(err) => protocol::write_result(&mut out, &Err(err)),
+                },
+                Err(err) => protocol::write_line_error(&mut out, &err),
+            }
+            if out.len() >= CHUNK_BYTES {
+                tx.send(Pending::Ready(out.split()))
+                    .await
+                    .map_err(|_| closed())?;
+            }
+        }
+        if !out.is_empty() {
+            tx.send(Pending::Ready(out.split()))
+                .await
+                .map_err(|_| closed())?;
+        }
+        if at_eof {
+            return Ok(());
+        }
+    }
+}
+
+/// Writes queued answers in order, flushing whenever the queue runs dry.
+async fn write_answers(
+    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
+    mut rx: mpsc::Receiver<Pending>,
+) -> io::Result<()> {
+    let mut out = BytesMut::new();
+    loop {
+        let item = match rx.try_recv() {
+            Ok(item) => item,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if !out.is_empty() {
+                    wr.write_all(&out).await?;
+                    out.clear();
+                }
+                match rx.recv().await {
+                    Some(item) => item,
+                    None => break,
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        };
+        match item {
+            Pending::Ready(chunk) => {
+                if out.is_empty() {
+                    out = chunk;
+                } else {
+                    out.extend_from_slice(&chunk);
+                }
+            }
+            Pending::Remote(task) => {
+                if !task.is_finished() && !out.is_empty() {
+                    // Do not hold finished answers back while waiting for a slow node.
+                    wr.write_all(&out).await?;
+                    out.clear();
+                }
+                let result = task
+                    .await
+                    .unwrap_or_else(|_| Err(KvError::internal("request failed")));
+                protocol::write_result(&mut out, &result);
+            }
+            Pending::Close => {
+                out.put_slice(protocol::BYE);
+                wr.write_all(&out).await?;
+                return wr.shutdown().await;
+            }
+        }
+        if out.len() >= 4 * CHUNK_BYTES {
+            wr.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    if !out.is_empty() {
+        wr.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// One framed piece of input.
+#[derive(Debug, PartialEq, Eq)]
+enum Frame {
+    /// A complete line, without `\n` (a trailing `\r` is left for the parser,
+    /// which treats it as whitespace).
+    Line(BytesMut),
+    /// A line longer than the limit; its bytes are discarded up to the next `\n`.
+    TooLong,
+}
+
+/// Splits a byte stream into lines of bounded length. Memory stays bounded by the
+/// limit even for an endless line: once a line is known to be too long, its bytes
+/// are dropped as they arrive.
+struct Framer {
+    max_line: usize,
+    /// How far the buffer has been searched for `\n` without finding one.
+    scanned: usize,
+    /// Inside a too-long line: drop bytes until its end.
+    discarding: bool,
+}
+
+impl Framer {
+    fn new(max_line: usize) -> Self {
+        Self {
+            max_line,
+            scanned: 0,
+            discarding: false,
+        }
+    }
+
+    /// The next complete frame in `buf`, if any.
+    fn next(&mut self, buf: &mut BytesMut) -> Option<Frame> {
+        if self.discarding {
+            match memchr::memchr(b'\n', buf) {
+                Some(i) => {
+                    buf.advance(i + 1);
+                    self.discarding = false;
+                }
+                None => {
+                    buf.clear();
+                    return None;
+                }
+            }
+        }
+        match memchr::memchr(b'\n', &buf[self.scanned..]) {
+            Some(i) => {
+                let end = self.scanned + i;
+                self.scanned = 0;
+                let mut line = buf.split_to(end + 1);
+                line.truncate(end);
+                Some(self.check(line))
+            }
+            None => {
+                self.scanned = buf.len();
+                // One byte of slack: the line's `\r` may be all that is missing.
+                if buf.len() > self.max_line + 1 {
+                    buf.clear();
+                    self.scanned = 0;
+                    self.discarding = true;
+                    Some(Frame::TooLong)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// At end of input: the unterminated last line, if any.
+    fn rest(&mut self, buf: &mut BytesMut) -> Option<Frame> {
+        self.scanned = 0;
+        if self.discarding || buf.is_empty() {
+            buf.clear();
+            return None;
+        }
+        let line = buf.split();
+        Some(self.check(line))
+    }
+
+    fn check(&self, line: BytesMut) -> Frame {
+        let len = line.len() - usize::from(line.last() == Some(&b'\r'));
+        if len > self.max_line {
+            Frame::TooLong
+        } else {
+            Frame::Line(line)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(framer: &mut Framer, buf: &mut BytesMut, input: &[u8]) -> Vec<Frame> {
+        buf.extend_from_slice(input);
+        std::iter::from_fn(|| framer.next(buf)).collect()
+    }
+
+    fn line(s: &str) -> Frame {
+        Frame::Line(BytesMut::from(s.as_bytes()))
+    }
+
+    #[test]
+    fn lines_split_on_newline_across_reads() {
+        let mut f = Framer::new(16);
+        let mut buf = BytesMut::new();
+        assert_eq!(
+            frames(&mut f, &mut buf, b"PING\r\nGET a"),
+            vec![line("PING\r")]
+        );
+        assert_eq!(frames(&mut f, &mut buf, b" b\nPI"), vec![line("GET a b")]);
+        assert_eq!(
+            frames(&mut f, &mut buf, b"NG\n\n"),
+            vec![line("PING"), line("")]
+        );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_line_at_the_limit_passes_and_one_byte_more_does_not() {
+        let mut f = Framer::new(4);
+        let mut buf = BytesMut::new();
+        assert_eq!(frames(&mut f, &mut buf, b"abcd\r\n"), vec![line("abcd\r")]);
+        assert_eq!(frames(&mut f, &mut buf, b"abcd\n"), vec![line("abcd")]);
+        assert_eq!(frames(&mut f, &mut buf, b"abcde\n"), vec![Frame::TooLong]);
+        assert_eq!(
+            frames(&mut f, &mut buf, b"abcde\r\nPING\n"),
+            vec![Frame::TooLong, line("PING")]
+        );
+    }
+
+    #[test]
+    fn an_endless_line_is_dropped_as_it_arrives() {
+        let mut f = Framer::new(8);
+        let mut buf = BytesMut::new();
+        assert_eq!(
+            frames(&mut f, &mut buf, b"0123456789"),
+            vec![Frame::TooLong]
+        );
+        for _ in 0..1000 {
+            assert_eq!(frames(&mut f, &mut buf, &[b'x'; 100]), vec![]);
+            assert!(buf.len() <= 100);
+        }
+        assert_eq!(frames(&mut f, &mut buf, b"xx\nPING\n"), vec![line("PING")]);
+    }
+
+    #[test]
+    fn the_unterminated_last_line_is_still_a_line() {
+        let mut f = Framer::new(8);
+        let mut buf = BytesMut::new();
+        assert_eq!(frames(&mut f, &mut buf, b"PING\nQUIT"), vec![line("PING")]);
+        assert_eq!(f.rest(&mut buf), Some(line("QUIT")));
+        assert_eq!(f.rest(&mut buf), None);
+    }
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: real sockets, real processes. One binary, one harness.
+
+mod harness;
+
+mod node;
+mod process;

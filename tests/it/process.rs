@@ -1,0 +1,247 @@
+//! The built binary: what only a process shows (signals, exit codes, config errors).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// A `kvmesh` process, killed on drop if a test fails midway.
+struct Process {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clean_command() -> Command {
+    let mut cmd = Command::new(kvmesh_bin());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("KVMESH_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// Starts the binary on a free port and reads the address from its log.
+fn spawn_kvmesh(args: &[&str]) -> Process {
+    let mut child = clean_command()
+        .args(args)
+        .env("KVMESH_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kvmesh");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("addr=").nth(1) {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(STEP)
+        .expect("kvmesh logs its address")
+        .parse()
+        .expect("an address");
+    Process { child, addr }
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + STEP;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "kvmesh did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_node_with_exit_status_zero() {
+    let mut p = spawn_kvmesh(&[]);
+    let mut c = LineClient::connect(p.addr).await;
+    c.exchange("CREATE x", "OK\r\n").await;
+    signal(&p.child, "-TERM");
+    c.expect_eof().await;
+    let status = wait_exit(&mut p.child);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[tokio::test]
+async fn sigint_stops_the_node_with_exit_status_zero() {
+    let mut p = spawn_kvmesh(&["--node", "n1"]);
+    let mut c = LineClient::connect(p.addr).await;
+    c.exchange("WHERE x", "n1\r\nOK\r\n").await;
+    signal(&p.child, "-INT");
+    let status = wait_exit(&mut p.child);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+fn run_to_exit(cmd: &mut Command) -> (Option<i32>, String) {
+    let out = cmd.stdin(Stdio::null()).output().expect("run kvmesh");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_bad_configuration_exits_non_zero_naming_the_key_and_its_source() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("kv.toml");
+    std::fs::write(&file, "node = \"foo\"\n[[routes]]\nrange = \"a-m\"\nnode = \"foo\"\n[[routes]]\nrange = \"k-z\"\nnode = \"bar\"\n").unwrap();
+    let file = file.to_str().expect("utf-8 path");
+
+    let cases: Vec<(Command, &str, &str)> = vec![
+        (
+            {
+                let mut c = clean_command();
+                c.args(["--config", file]);
+                c
+            },
+            "routes[1].range",
+            file,
+        ),
+        (
+            {
+                let mut c = clean_command();
+                c.env("KVMESH_CONFIG", file);
+                c
+            },
+            "routes[1].range",
+            file,
+        ),
+        (
+            {
+                let mut c = clean_command();
+                c.env("KVMESH_NODE", "no good");
+                c
+            },
+            "node",
+            "KVMESH_NODE",
+        ),
+        (
+            {
+                let mut c = clean_command();
+                c.env("KVMESH_LISTNE", "x");
+                c
+            },
+            "listne",
+            "KVMESH_LISTNE",
+        ),
+        (
+            {
+                let mut c = clean_command();
+                c.args(["--node", "a.b"]);
+                c
+            },
+            "node",
+            "--node",
+        ),
+        (
+            {
+                let mut c = clean_command();
+                c.args(["--config", "/nonexistent/kv.toml"]);
+                c
+            },
+            "config",
+            "/nonexistent/kv.toml",
+        ),
+        (
+            {
+                let mut c = clean_command();
+                c.env("KVMESH_MAX_HOPS", "many");
+                c
+            },
+            "max_hops",
+            "KVMESH_MAX_HOPS",
+        ),
+    ];
+    for (mut cmd, key, source) in cases {
+        let (code, stderr) = run_to_exit(&mut cmd);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid configuration: {key} ")),
+            "key {key}: {stderr}"
+        );
+        assert!(stderr.contains(source), "source {source}: {stderr}");
+    }
+}
+
+#[test]
+fn an_address_in_use_exits_non_zero() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, stderr) = run_to_exit(clean_command().args(["--listen", &addr]));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn version_and_help_work() {
+    let (code, _) = run_to_exit(clean_command().arg("--version"));
+    assert_eq!(code, Some(0));
+    let out = clean_command().arg("--help").output().expect("help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--node",
+        "--listen",
+        "--nats-url",
+        "--log-format",
+    ] {
+        assert!(help.contains(flag), "{flag} in {help}");
+    }
+}
+
+#[test]
+fn the_shipped_configuration_files_load() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+    for name in ["kvmesh.toml", "foo.toml", "bar.toml"] {
+        let overrides = kvmesh::Overrides {
+            config_file: Some(format!("{dir}/{name}").into()),
+            ..Default::default()
+        };
+        let config = kvmesh::Config::load(&overrides).unwrap_or_else(|e| panic!("{name}: {e}"));
+        if name == "kvmesh.toml" {
+            assert_eq!(
+                config,
+                kvmesh::Config::default(),
+                "kvmesh.toml shows the defaults"
+            );
+        } else {
+            let table = config.routing_table().expect("table");
+            assert_eq!(table.owner_of("apple"), Some("foo"));
+            assert_eq!(table.owner_of("zebra"), Some("bar"));
+        }
+    }
+}
