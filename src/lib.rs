@@ -16,6 +16,7 @@
 //! Dependencies point one way: `node → server/config → router → protocol,
 //! registry → command, error`.
 
+pub mod bench;
 pub mod command;
 pub mod config;
 pub mod error;

@@ -4,8 +4,9 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use kvmesh::{Config, Node, Overrides};
 use tracing_subscriber::EnvFilter;
 
@@ -13,6 +14,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "kvmesh", version, about)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
     /// Configuration file (TOML).
     #[arg(long, env = kvmesh::config::CONFIG_ENV, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -30,6 +33,49 @@ struct Cli {
     log_format: LogFormat,
 }
 
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Drive one or more nodes with load, check every answer, report rate and latency.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Node address; repeat to spread connections over several nodes.
+    #[arg(long = "addr", default_value = "127.0.0.1:4040")]
+    addrs: Vec<std::net::SocketAddr>,
+    /// Connections.
+    #[arg(long, default_value_t = 50)]
+    conns: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    pipeline: usize,
+    /// Total requests (default 100000 unless --duration is given).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Run for this many seconds instead of a request count.
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<f64>,
+    /// Operation mix in percent.
+    #[arg(long, default_value = "get=80,put=20")]
+    mix: String,
+    /// Comma-separated buckets to spread keys over (created first).
+    #[arg(long, default_value = "bench", value_delimiter = ',')]
+    buckets: Vec<String>,
+    /// Distinct keys per bucket.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 16)]
+    value_size: usize,
+    /// Write every key once before measuring.
+    #[arg(long)]
+    prefill: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -39,6 +85,9 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    if let Some(Cmd::Bench(args)) = cli.command {
+        return bench(args);
+    }
     let overrides = Overrides {
         config_file: cli.config,
         node: cli.node,
@@ -85,6 +134,66 @@ fn main() -> ExitCode {
         node.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+fn bench(args: BenchArgs) -> ExitCode {
+    let get_percent = match kvmesh::bench::parse_mix(&args.mix) {
+        Ok(p) => p,
+        Err(err) => {
+            eprintln!("kvmesh bench: --mix: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let duration = match args.duration.map(Duration::try_from_secs_f64) {
+        Some(Err(_)) => {
+            eprintln!("kvmesh bench: --duration must be a positive number of seconds");
+            return ExitCode::from(2);
+        }
+        other => other.and_then(Result::ok),
+    };
+    let opts = kvmesh::bench::BenchOptions {
+        addrs: args.addrs,
+        conns: args.conns,
+        pipeline: args.pipeline.max(1),
+        requests: args.requests.or(duration.is_none().then_some(100_000)),
+        duration,
+        get_percent,
+        buckets: args.buckets,
+        keys: args.keys,
+        value_size: args.value_size.max(1),
+        prefill: args.prefill,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("kvmesh bench: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(kvmesh::bench::run(opts)) {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string(&report) {
+                    Ok(json) => println!("{json}"),
+                    Err(err) => eprintln!("kvmesh bench: {err}"),
+                }
+            } else {
+                println!("{report}");
+            }
+            if report.errors == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            eprintln!("kvmesh bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_tracing(format: LogFormat) {

@@ -2,5 +2,6 @@
 
 mod harness;
 
+mod bench;
 mod node;
 mod process;
