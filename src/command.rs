@@ -104,11 +104,25 @@ impl Limits {
     }
 }
 
+/// Whether `name` is a valid node name: `[A-Za-z0-9_-]+` (it becomes part of a
+/// NATS subject, so nothing else is allowed).
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Whether `word` could have come from a TCP line: non-empty, no ASCII whitespace.
+pub fn is_word(word: &str) -> bool {
+    !word.is_empty() && !word.bytes().any(|b| b.is_ascii_whitespace())
+}
+
 fn check_word(what: &str, word: &str, max: usize, too_big: &str) -> Result<(), KvError> {
     if word.len() > max {
         return Err(KvError::bad_request(format!("{what} {too_big}")));
     }
-    if word.is_empty() || word.bytes().any(|b| b.is_ascii_whitespace()) {
+    if !is_word(word) {
         return Err(KvError::bad_request(format!("invalid {what}")));
     }
     Ok(())

@@ -12,7 +12,8 @@ use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::router::{ByteRange, RoutingTable, valid_node_name};
+use crate::command::valid_node_name;
+use crate::router::{ByteRange, RoutingTable};
 
 /// The environment variable naming the configuration file.
 pub const CONFIG_ENV: &str = "KVMESH_CONFIG";

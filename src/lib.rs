@@ -20,11 +20,13 @@ pub mod bench;
 pub mod command;
 pub mod config;
 pub mod error;
+pub mod mesh;
 pub mod node;
 pub mod protocol;
 pub mod registry;
 pub mod router;
 pub mod server;
+pub mod wire;
 
 pub use command::{Command, Limits, Reply};
 pub use config::{Config, ConfigError, Overrides};

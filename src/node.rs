@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::command::Limits;
 use crate::config::{Config, Invalid};
+use crate::mesh::{Mesh, MeshError, Serving};
 use crate::registry::Registry;
 use crate::router::Router;
 use crate::server::{self, ServerLimits};
@@ -30,6 +31,9 @@ pub enum StartError {
     /// The configuration does not validate.
     #[error(transparent)]
     Config(#[from] Invalid),
+    /// The mesh could not be joined.
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
     /// The TCP address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -47,6 +51,7 @@ pub struct Node {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     accept_loop: tokio::task::JoinHandle<()>,
+    mesh: Option<(Mesh, Serving)>,
 }
 
 impl Node {
@@ -65,15 +70,28 @@ impl Node {
             addr: config.listen.clone(),
             source,
         })?;
-        let nats = match config.nats_servers() {
+        let servers = config.nats_servers();
+        let nats = match &servers {
             Some(servers) => servers.join(","),
             None => "not needed (this node owns every routed bucket)".to_string(),
         };
-        info!(node = %config.node, %addr, routes = %table, %nats, "kvmesh node listening");
+        info!(node = %config.node, %addr, routes = %table, %nats, "kvmesh node starting");
+        let mesh = match &servers {
+            Some(servers) => Some(
+                Mesh::connect(
+                    servers,
+                    &config.node,
+                    Duration::from_millis(config.request_timeout_ms),
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let router = Arc::new(Router::new(
             &config.node,
             table,
             Registry::new(),
+            mesh.clone(),
             config.max_hops,
         ));
         let limits = ServerLimits {
@@ -85,6 +103,15 @@ impl Node {
         };
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let mesh = match mesh {
+            Some(mesh) => {
+                let serving = mesh
+                    .serve(&config.node, router.clone(), limits.limits, tracker.clone())
+                    .await?;
+                Some((mesh, serving))
+            }
+            None => None,
+        };
         let accept_loop = tokio::spawn(server::run(
             listener,
             router,
@@ -92,12 +119,14 @@ impl Node {
             shutdown.clone(),
             tracker.clone(),
         ));
+        info!(node = %config.node, %addr, "kvmesh node ready");
         Ok(Node {
             name: config.node,
             addr,
             shutdown,
             tracker,
             accept_loop,
+            mesh,
         })
     }
 
@@ -111,12 +140,19 @@ impl Node {
         &self.name
     }
 
-    /// Stops accepting, lets the requests in flight finish (for up to ten
-    /// seconds), and returns.
+    /// Stops accepting (on TCP and NATS), lets the requests in flight finish
+    /// (for up to ten seconds), drains the NATS connection, and returns.
     pub async fn shutdown(self) {
         info!(node = %self.name, "shutting down");
         self.shutdown.cancel();
         let _ = self.accept_loop.await;
+        let mesh = match self.mesh {
+            Some((mesh, serving)) => {
+                serving.stop().await;
+                Some(mesh)
+            }
+            None => None,
+        };
         self.tracker.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
             .await
@@ -126,6 +162,9 @@ impl Node {
                 connections = self.tracker.len(),
                 "connections still busy after the grace period; closing them"
             );
+        }
+        if let Some(mesh) = mesh {
+            mesh.drain().await;
         }
         info!(node = %self.name, "stopped");
     }

@@ -9,8 +9,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::command::{Command, Reply};
+use crate::command::{Command, Reply, valid_node_name};
 use crate::error::KvError;
+use crate::mesh::{Handler, Mesh, RemoteReply};
 use crate::registry::Registry;
 
 /// An inclusive range of first bytes: `a-m`, `x`, or `*` (every byte).
@@ -75,14 +76,6 @@ impl fmt::Display for ByteRange {
             write!(f, "{}-{}", self.lo as char, self.hi as char)
         }
     }
-}
-
-/// Whether `name` is a valid node name: `[A-Za-z0-9_-]+`.
-pub fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Why a routing table was refused: which entry, and what is wrong with it.
@@ -198,16 +191,24 @@ pub struct Router {
     node: Arc<str>,
     table: RoutingTable,
     registry: Registry,
+    mesh: Option<Mesh>,
     max_hops: u32,
 }
 
 impl Router {
-    /// A router for node `node`.
-    pub fn new(node: &str, table: RoutingTable, registry: Registry, max_hops: u32) -> Self {
+    /// A router for node `node`; `mesh` is `None` for a node that needs no NATS.
+    pub fn new(
+        node: &str,
+        table: RoutingTable,
+        registry: Registry,
+        mesh: Option<Mesh>,
+        max_hops: u32,
+    ) -> Self {
         Self {
             node: Arc::from(node),
             table,
             registry,
+            mesh,
             max_hops,
         }
     }
@@ -247,8 +248,24 @@ impl Router {
         command: &Command,
         hops: u32,
     ) -> Result<Reply, KvError> {
-        let _ = (owner, command, hops);
-        Err(KvError::mesh_unavailable())
+        match &self.mesh {
+            Some(mesh) => mesh.request(owner, command, hops + 1).await,
+            None => Err(KvError::mesh_unavailable()),
+        }
+    }
+
+    /// Publishes a command to `owner` without waiting for the answer; calls made
+    /// one after the other reach the owner in that order.
+    pub async fn send(
+        &self,
+        owner: &str,
+        command: Command,
+        hops: u32,
+    ) -> Result<RemoteReply, KvError> {
+        match &self.mesh {
+            Some(mesh) => mesh.send(owner, command, hops + 1).await,
+            None => Err(KvError::mesh_unavailable()),
+        }
     }
 
     /// Routes and runs a command wherever it belongs.
@@ -257,6 +274,16 @@ impl Router {
             Target::Local => self.execute_local(command),
             Target::Remote(owner) => self.forward(owner, &command, hops).await,
         }
+    }
+}
+
+impl Handler for Router {
+    fn handle(
+        &self,
+        command: Command,
+        hops: u32,
+    ) -> impl std::future::Future<Output = Result<Reply, KvError>> + Send {
+        self.dispatch(command, hops)
     }
 }
 
@@ -371,7 +398,7 @@ mod tests {
     }
 
     fn router(table: RoutingTable) -> Router {
-        Router::new("foo", table, Registry::new(), 2)
+        Router::new("foo", table, Registry::new(), None, 2)
     }
 
     #[test]

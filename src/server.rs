@@ -3,22 +3,24 @@
 //!
 //! Each connection runs two halves in one task. The reader frames lines, parses
 //! them and runs local commands at once, appending their answers to a chunk; a
-//! command for another node is forwarded in its own task so that pipelined remote
-//! requests travel side by side. The writer takes chunks and remote answers from
+//! command for another node is published at once, in request order, so that
+//! pipelined remote requests travel side by side. The writer takes chunks and remote answers from
 //! a bounded queue in request order and flushes only when the queue is empty, so
 //! a pipelined burst costs few system calls. The queue's bound is the
 //! backpressure: a client that never reads stops being read.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
+use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
@@ -106,8 +108,8 @@ async fn refuse(mut stream: TcpStream) {
 enum Pending {
     /// Answers already formatted.
     Ready(BytesMut),
-    /// A command forwarded to another node.
-    Remote(JoinHandle<Result<Reply, KvError>>),
+    /// The answer of a command forwarded to another node.
+    Remote(Pin<Box<dyn Future<Output = Result<Reply, KvError>> + Send>>),
     /// `QUIT`: say goodbye and close.
     Close,
 }
@@ -192,18 +194,22 @@ async fn read_requests(
                     Ok(Target::Local) => {
                         protocol::write_result(&mut out, &router.execute_local(command))
                     }
-                    Ok(Target::Remote(owner)) => {
-                        let owner = owner.to_owned();
-                        let router = router.clone();
-                        let task =
-                            tokio::spawn(async move { router.forward(&owner, &command, 0).await });
-                        if !out.is_empty() {
-                            tx.send(Pending::Ready(out.split()))
+                    Ok(Target::Remote(owner)) => match router.send(owner, command, 0).await {
+                        // Published in request order; the writer waits for the
+                        // answers in that order while later requests go out.
+                        Ok(remote) => {
+                            if !out.is_empty() {
+                                tx.send(Pending::Ready(out.split()))
+                                    .await
+                                    .map_err(|_| closed())?;
+                            }
+                            let answer = Box::pin(remote.wait());
+                            tx.send(Pending::Remote(answer))
                                 .await
                                 .map_err(|_| closed())?;
                         }
-                        tx.send(Pending::Remote(task)).await.map_err(|_| closed())?;
-                    }
+                        Err(err) => protocol::write_result(&mut out, &Err(err)),
+                    },
                     Err(err) => protocol::write_result(&mut out, &Err(err)),
                 },
                 Err(err) => protocol::write_line_error(&mut out, &err),
@@ -254,15 +260,18 @@ async fn write_answers(
                     out.extend_from_slice(&chunk);
                 }
             }
-            Pending::Remote(task) => {
-                if !task.is_finished() && !out.is_empty() {
-                    // Do not hold finished answers back while waiting for a slow node.
-                    wr.write_all(&out).await?;
-                    out.clear();
-                }
-                let result = task
-                    .await
-                    .unwrap_or_else(|_| Err(KvError::internal("request failed")));
+            Pending::Remote(mut answer) => {
+                let result = match (&mut answer).now_or_never() {
+                    Some(result) => result,
+                    None => {
+                        // Do not hold finished answers back while waiting for a slow node.
+                        if !out.is_empty() {
+                            wr.write_all(&out).await?;
+                            out.clear();
+                        }
+                        answer.await
+                    }
+                };
                 protocol::write_result(&mut out, &result);
             }
             Pending::Close => {

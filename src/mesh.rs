@@ -1,0 +1,444 @@
+//! The NATS side of a node: sending a command to its owner, and serving
+//! `kv.node.<name>` for the others (SPEC.md section 3).
+//!
+//! Foreign failures are converted here and only here: async-nats's
+//! `NoResponders` becomes `node <owner> unavailable`, `TimedOut` becomes
+//! `node <owner> timed out`, and a client that is not connected answers
+//! `mesh unavailable` at once instead of queueing the request until it times out.
+//! The serve loop does not know the router: `node.rs` hands it a [`Handler`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_nats::client::{PublishErrorKind, RequestErrorKind};
+use async_nats::connection::State;
+use async_nats::service::{Service, ServiceExt};
+use async_nats::{Client, ConnectOptions, Event, HeaderMap, Message, StatusCode};
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, debug_span, info, warn};
+
+use crate::command::{Command, Limits, Reply};
+use crate::error::KvError;
+use crate::wire::{self, BadReply, HOPS_HEADER, WireRequest};
+
+/// The NATS service name every node registers under.
+pub const SERVICE_NAME: &str = "kvmesh";
+
+/// The subject node `node` serves.
+pub fn node_subject(node: &str) -> String {
+    format!("kv.node.{node}")
+}
+
+/// What runs a command that arrived over NATS (the router, in a node).
+pub trait Handler: Send + Sync + 'static {
+    /// Routes and runs `command`, which has made `hops` hops so far.
+    fn handle(
+        &self,
+        command: Command,
+        hops: u32,
+    ) -> impl Future<Output = Result<Reply, KvError>> + Send;
+}
+
+/// Why the mesh could not be joined.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// The server list or connection options were refused.
+    #[error("cannot connect to NATS: {0}")]
+    Connect(String),
+    /// Another node already serves this node's subject.
+    #[error(
+        "another node named {0:?} is already serving kv.node.{0} on this NATS; \
+         each node needs its own name"
+    )]
+    DuplicateName(String),
+    /// The service API registration failed.
+    #[error("cannot register the NATS service: {0}")]
+    Service(String),
+}
+
+/// A node's connection to the mesh: cheap to clone.
+#[derive(Clone)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    timeout: Duration,
+    /// Replies come to `<inbox>.<id>`, one subscription for all requests.
+    inbox: String,
+    next_id: AtomicU64,
+    /// Requests waiting for their reply. A std-style lock held for a map
+    /// operation only, never across an `.await`.
+    waiting: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+}
+
+impl Mesh {
+    /// Connects to the given NATS servers. If none answers now, the node still
+    /// starts: the client keeps retrying in the background, and requests for
+    /// other nodes answer `mesh unavailable` until it is connected.
+    pub async fn connect(
+        servers: &[String],
+        node: &str,
+        timeout: Duration,
+    ) -> Result<Mesh, MeshError> {
+        let addrs: Vec<async_nats::ServerAddr> = servers
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| MeshError::Connect(format!("bad server address: {e}")))?;
+        let options = || {
+            let node = node.to_owned();
+            ConnectOptions::new()
+                .name(format!("kvmesh-{node}"))
+                .request_timeout(Some(timeout))
+                .max_reconnects(None)
+                // A quick first retry, then at most one attempt a second, so a
+                // mesh heals soon after NATS comes back.
+                .reconnect_delay_callback(|attempts| {
+                    Duration::from_millis((attempts as u64).saturating_mul(100).min(1000))
+                })
+                .event_callback(move |event| {
+                    let node = node.clone();
+                    async move { log_event(&node, event) }
+                })
+        };
+        let client = match options().connect(addrs.clone()).await {
+            Ok(client) => client,
+            Err(err) => {
+                warn!(
+                    error = %err,
+                    servers = %servers.join(","),
+                    "NATS is unreachable; serving this node's buckets and retrying in the background"
+                );
+                options()
+                    .retry_on_initial_connect()
+                    .connect(addrs)
+                    .await
+                    .map_err(|e| MeshError::Connect(e.to_string()))?
+            }
+        };
+        let inbox = client.new_inbox();
+        let mut replies = client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|e| MeshError::Connect(e.to_string()))?;
+        let inner = Arc::new(Inner {
+            client,
+            timeout,
+            inbox,
+            next_id: AtomicU64::new(0),
+            waiting: Mutex::new(HashMap::new()),
+        });
+        // Hands each reply to the request waiting for it. Holds only a weak
+        // reference, so the mesh can be dropped.
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            while let Some(message) = replies.next().await {
+                let Some(inner) = weak.upgrade() else { break };
+                let id = message
+                    .subject
+                    .rsplit('.')
+                    .next()
+                    .and_then(|id| id.parse().ok());
+                let waiter = id.and_then(|id| inner.waiting.lock().remove(&id));
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(message);
+                }
+            }
+        });
+        Ok(Mesh { inner })
+    }
+
+    /// Whether the client is connected to a NATS server right now.
+    pub fn is_connected(&self) -> bool {
+        self.inner.client.connection_state() == State::Connected
+    }
+
+    /// The underlying client.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// Sends `command` to `owner` as a request that has made `hops` hops, and
+    /// waits for the answer.
+    pub async fn request(
+        &self,
+        owner: &str,
+        command: &Command,
+        hops: u32,
+    ) -> Result<Reply, KvError> {
+        self.send(owner, command.clone(), hops).await?.wait().await
+    }
+
+    /// Publishes `command` to `owner` and returns the answer to wait for. Calls
+    /// made one after the other reach the owner in that order, which keeps a
+    /// connection's pipelined requests in order; the waiting can overlap.
+    pub async fn send(
+        &self,
+        owner: &str,
+        command: Command,
+        hops: u32,
+    ) -> Result<RemoteReply, KvError> {
+        let span = debug_span!("forward", node = owner, bucket = command.bucket(), hops);
+        let body = wire::encode_request(&command);
+        let pending = self.publish(owner, body, hops).instrument(span).await?;
+        Ok(RemoteReply { pending, command })
+    }
+
+    async fn publish(
+        &self,
+        owner: &str,
+        body: Vec<u8>,
+        hops: u32,
+    ) -> Result<PendingReply, KvError> {
+        // While disconnected the client would queue the request until it times
+        // out; say at once that the mesh is down instead.
+        if !self.is_connected() {
+            return Err(KvError::mesh_unavailable());
+        }
+        let inner = &self.inner;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        inner.waiting.lock().insert(id, tx);
+        let pending = PendingReply {
+            inner: self.inner.clone(),
+            id,
+            rx,
+            deadline: Instant::now() + inner.timeout,
+            owner: owner.to_owned(),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(HOPS_HEADER, hops.to_string().as_str());
+        inner
+            .client
+            .publish_with_reply_and_headers(
+                node_subject(owner),
+                format!("{}.{id}", inner.inbox),
+                headers,
+                body.into(),
+            )
+            .await
+            .map_err(|err| match err.kind() {
+                PublishErrorKind::MaxPayloadExceeded => KvError::bad_request("value too large"),
+                _ => {
+                    debug!(error = %err, node = owner, "publish failed");
+                    KvError::mesh_unavailable()
+                }
+            })?;
+        Ok(pending)
+    }
+
+    /// Registers the `kvmesh` service and serves `kv.node.<node>` with `handler`.
+    /// Refuses to start when another node already answers on that subject.
+    /// When connected, returns only once the subscription has reached the server.
+    pub async fn serve<H: Handler>(
+        &self,
+        node: &str,
+        handler: Arc<H>,
+        limits: Limits,
+        tracker: TaskTracker,
+    ) -> Result<Serving, MeshError> {
+        let connected = self.is_connected();
+        if connected {
+            self.check_name_is_free(node).await?;
+        }
+        let service = self
+            .inner
+            .client
+            .service_builder()
+            .description("kvmesh node: a partition of a distributed key-value store")
+            .metadata(HashMap::from([("node".to_string(), node.to_string())]))
+            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(|e| MeshError::Service(e.to_string()))?;
+        let mut endpoint = service
+            .group("kv.node")
+            .endpoint(node)
+            .await
+            .map_err(|e| MeshError::Service(e.to_string()))?;
+        if connected {
+            match tokio::time::timeout(self.inner.timeout, self.inner.client.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "flush after subscribing failed"),
+                Err(_) => warn!("flush after subscribing timed out"),
+            }
+        }
+        info!(subject = %node_subject(node), connected, "serving on NATS");
+        let client = self.inner.client.clone();
+        let task = tokio::spawn(async move {
+            while let Some(request) = endpoint.next().await {
+                if request.message.reply.is_none() {
+                    // Nobody could learn the outcome, so the command is not run.
+                    debug!(subject = %request.message.subject, "ignored a message without a reply subject");
+                    continue;
+                }
+                let handler = handler.clone();
+                let client = client.clone();
+                tracker.spawn(async move {
+                    let mut body = answer(&request.message, &*handler, &limits).await;
+                    if body.len() > client.max_payload() {
+                        body =
+                            wire::encode_reply(&Err(KvError::internal("reply too large for NATS")));
+                    }
+                    if let Err(err) = request.respond(Ok(body.into())).await {
+                        debug!(error = %err, "could not send a reply");
+                    }
+                });
+            }
+            debug!("stopped serving");
+        });
+        Ok(Serving { service, task })
+    }
+
+    /// Asks our own subject before subscribing: any answer means the name is taken.
+    async fn check_name_is_free(&self, node: &str) -> Result<(), MeshError> {
+        let probe = async_nats::Request::new()
+            .payload(wire::encode_request(&Command::Where { bucket: "-".into() }).into())
+            .timeout(Some(self.inner.timeout.min(Duration::from_secs(2))));
+        match self
+            .inner
+            .client
+            .send_request(node_subject(node), probe)
+            .await
+        {
+            Err(err) if err.kind() == RequestErrorKind::NoResponders => Ok(()),
+            Ok(_) => Err(MeshError::DuplicateName(node.to_owned())),
+            Err(err) if err.kind() == RequestErrorKind::TimedOut => {
+                Err(MeshError::DuplicateName(node.to_owned()))
+            }
+            Err(err) => {
+                warn!(error = %err, "could not check whether the node name is free");
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for the server to have processed everything sent, then closes.
+    pub async fn drain(&self) {
+        if let Err(err) = self.inner.client.drain().await {
+            debug!(error = %err, "drain failed");
+        }
+    }
+}
+
+/// A request on its way: the answer to wait for.
+pub struct RemoteReply {
+    pending: PendingReply,
+    command: Command,
+}
+
+impl RemoteReply {
+    /// Waits (until the request timeout, counted from sending) for the answer.
+    pub async fn wait(self) -> Result<Reply, KvError> {
+        let owner = self.pending.owner.clone();
+        let message = self.pending.wait().await?;
+        wire::decode_reply(&self.command, &message.payload)
+            .unwrap_or_else(|BadReply| Err(bad_reply(&owner)))
+    }
+}
+
+/// A published request's reply slot; dropping it forgets the request.
+struct PendingReply {
+    inner: Arc<Inner>,
+    id: u64,
+    rx: oneshot::Receiver<Message>,
+    deadline: Instant,
+    owner: String,
+}
+
+impl PendingReply {
+    async fn wait(mut self) -> Result<Message, KvError> {
+        match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
+            Err(_) => Err(KvError::timed_out(&self.owner)),
+            Ok(Err(_)) => Err(KvError::mesh_unavailable()),
+            // The server answers for an owner with no subscriber at once.
+            Ok(Ok(message)) if message.status == Some(StatusCode::NO_RESPONDERS) => {
+                Err(KvError::node_unavailable(&self.owner))
+            }
+            Ok(Ok(message)) => Ok(message),
+        }
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        self.inner.waiting.lock().remove(&self.id);
+    }
+}
+
+/// A running serve loop; stop it before draining the client.
+pub struct Serving {
+    service: Service,
+    task: JoinHandle<()>,
+}
+
+impl Serving {
+    /// Unsubscribes and waits for the serve loop to end (handlers already
+    /// started keep running on the tracker).
+    pub async fn stop(self) {
+        if let Err(err) = self.service.stop().await {
+            debug!(error = %err, "stopping the service failed");
+        }
+        let _ = self.task.await;
+    }
+}
+
+/// Builds the reply body for one NATS message.
+async fn answer<H: Handler>(message: &Message, handler: &H, limits: &Limits) -> Vec<u8> {
+    let hops = match wire::parse_hops(hops_header(message.headers.as_ref())) {
+        Ok(hops) => hops,
+        Err(err) => return wire::encode_reply(&Err(err)),
+    };
+    match wire::decode_request(&message.payload, limits) {
+        Ok(WireRequest::Single(command)) => {
+            wire::encode_reply(&handler.handle(command, hops).await)
+        }
+        Ok(WireRequest::Batch(members)) => {
+            // In order, one after the other: a batch holds a connection's
+            // pipelined requests, and a PUT must land before the GET after it.
+            let mut results = Vec::with_capacity(members.len());
+            for member in members {
+                results.push(match member {
+                    Ok(command) => handler.handle(command, hops).await,
+                    Err(err) => Err(err),
+                });
+            }
+            wire::encode_batch_reply(&results)
+        }
+        Err(err) => wire::encode_reply(&Err(err)),
+    }
+}
+
+/// The `KV-Hops` header's value, its name matched without regard to case.
+fn hops_header(headers: Option<&HeaderMap>) -> Option<&str> {
+    headers?
+        .iter()
+        .find(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case(HOPS_HEADER))
+        .and_then(|(_, values)| values.first())
+        .map(|v| v.as_str())
+}
+
+fn bad_reply(owner: &str) -> KvError {
+    KvError::internal(format!("bad reply from node {owner}"))
+}
+
+fn log_event(node: &str, event: Event) {
+    match event {
+        Event::Connected => info!(node, "connected to NATS"),
+        Event::Disconnected => warn!(node, "disconnected from NATS; reconnecting"),
+        Event::SlowConsumer(sid) => warn!(node, sid, "NATS dropped messages: slow consumer"),
+        Event::ClientError(err) => warn!(node, error = %err, "NATS client error"),
+        Event::ServerError(err) => warn!(node, error = %err, "NATS server error"),
+        other => info!(node, event = %other, "NATS event"),
+    }
+}
