@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,14 +39,30 @@ pub fn node_subject(node: &str) -> String {
     format!("kv.node.{node}")
 }
 
+/// A command on its way: answered already, or forwarded with the answer to come.
+pub enum Started {
+    /// Run here (or refused): the result.
+    Done(Result<Reply, KvError>),
+    /// Published to another node: wait for its answer.
+    Forwarded(RemoteReply),
+}
+
+impl Started {
+    /// The result, waiting for it if it comes from another node.
+    pub async fn finish(self) -> Result<Reply, KvError> {
+        match self {
+            Started::Done(result) => result,
+            Started::Forwarded(remote) => remote.wait().await,
+        }
+    }
+}
+
 /// What runs a command that arrived over NATS (the router, in a node).
 pub trait Handler: Send + Sync + 'static {
-    /// Routes and runs `command`, which has made `hops` hops so far.
-    fn handle(
-        &self,
-        command: Command,
-        hops: u32,
-    ) -> impl Future<Output = Result<Reply, KvError>> + Send;
+    /// Routes `command`, which has made `hops` hops so far: runs it here or
+    /// publishes it to its owner. Commands started one after the other take
+    /// effect in that order.
+    fn start(&self, command: Command, hops: u32) -> impl Future<Output = Started> + Send;
 }
 
 /// Why the mesh could not be joined.
@@ -169,17 +186,6 @@ impl Mesh {
         &self.inner.client
     }
 
-    /// Sends `command` to `owner` as a request that has made `hops` hops, and
-    /// waits for the answer.
-    pub async fn request(
-        &self,
-        owner: &str,
-        command: &Command,
-        hops: u32,
-    ) -> Result<Reply, KvError> {
-        self.send(owner, command.clone(), hops).await?.wait().await
-    }
-
     /// Publishes `command` to `owner` and returns the answer to wait for. Calls
     /// made one after the other reach the owner in that order, which keeps a
     /// connection's pipelined requests in order; the waiting can overlap.
@@ -282,18 +288,19 @@ impl Mesh {
                     debug!(subject = %request.message.subject, "ignored a message without a reply subject");
                     continue;
                 }
-                let handler = handler.clone();
-                let client = client.clone();
-                tracker.spawn(async move {
-                    let mut body = answer(&request.message, &*handler, &limits).await;
-                    if body.len() > client.max_payload() {
-                        body =
-                            wire::encode_reply(&Err(KvError::internal("reply too large for NATS")));
+                // Started here, in arrival order, so that requests take effect in
+                // the order they were sent; only waiting for a forwarded answer
+                // happens in a task of its own.
+                match start(&request.message, &*handler, &limits).await {
+                    Answer::Ready(body) => respond(&client, &request, body).await,
+                    Answer::Later(answer) => {
+                        let client = client.clone();
+                        tracker.spawn(async move {
+                            let body = answer.await;
+                            respond(&client, &request, body).await;
+                        });
                     }
-                    if let Err(err) = request.respond(Ok(body.into())).await {
-                        debug!(error = %err, "could not send a reply");
-                    }
-                });
+                }
             }
             debug!("stopped serving");
         });
@@ -393,29 +400,55 @@ impl Serving {
     }
 }
 
-/// Builds the reply body for one NATS message.
-async fn answer<H: Handler>(message: &Message, handler: &H, limits: &Limits) -> Vec<u8> {
+/// A reply body, ready now or once forwarded answers are in.
+enum Answer {
+    Ready(Vec<u8>),
+    Later(Pin<Box<dyn Future<Output = Vec<u8>> + Send>>),
+}
+
+/// Decodes one NATS message and starts what it asks for.
+async fn start<H: Handler>(message: &Message, handler: &H, limits: &Limits) -> Answer {
     let hops = match wire::parse_hops(hops_header(message.headers.as_ref())) {
         Ok(hops) => hops,
-        Err(err) => return wire::encode_reply(&Err(err)),
+        Err(err) => return Answer::Ready(wire::encode_reply(&Err(err))),
     };
     match wire::decode_request(&message.payload, limits) {
-        Ok(WireRequest::Single(command)) => {
-            wire::encode_reply(&handler.handle(command, hops).await)
-        }
+        Ok(WireRequest::Single(command)) => match handler.start(command, hops).await {
+            Started::Done(result) => Answer::Ready(wire::encode_reply(&result)),
+            Started::Forwarded(remote) => {
+                Answer::Later(Box::pin(
+                    async move { wire::encode_reply(&remote.wait().await) },
+                ))
+            }
+        },
         Ok(WireRequest::Batch(members)) => {
-            // In order, one after the other: a batch holds a connection's
-            // pipelined requests, and a PUT must land before the GET after it.
-            let mut results = Vec::with_capacity(members.len());
+            // Members start in order, like a connection's pipelined requests.
+            let mut started = Vec::with_capacity(members.len());
             for member in members {
-                results.push(match member {
-                    Ok(command) => handler.handle(command, hops).await,
-                    Err(err) => Err(err),
+                started.push(match member {
+                    Ok(command) => handler.start(command, hops).await,
+                    Err(err) => Started::Done(Err(err)),
                 });
             }
-            wire::encode_batch_reply(&results)
+            Answer::Later(Box::pin(async move {
+                let mut results = Vec::with_capacity(started.len());
+                for s in started {
+                    results.push(s.finish().await);
+                }
+                wire::encode_batch_reply(&results)
+            }))
         }
-        Err(err) => wire::encode_reply(&Err(err)),
+        Err(err) => Answer::Ready(wire::encode_reply(&Err(err))),
+    }
+}
+
+/// Sends a reply body, or an error if it would not fit one NATS message.
+async fn respond(client: &Client, request: &async_nats::service::Request, mut body: Vec<u8>) {
+    if body.len() > client.max_payload() {
+        body = wire::encode_reply(&Err(KvError::internal("reply too large for NATS")));
+    }
+    if let Err(err) = request.respond(Ok(body.into())).await {
+        debug!(error = %err, "could not send a reply");
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::command::{Command, Reply, valid_node_name};
 use crate::error::KvError;
-use crate::mesh::{Handler, Mesh, RemoteReply};
+use crate::mesh::{Handler, Mesh, Started};
 use crate::registry::Registry;
 
 /// An inclusive range of first bytes: `a-m`, `x`, or `*` (every byte).
@@ -241,49 +241,36 @@ impl Router {
         }
     }
 
-    /// Sends a command to `owner`; the request arrives there with `hops + 1` hops.
-    pub async fn forward(
-        &self,
-        owner: &str,
-        command: &Command,
-        hops: u32,
-    ) -> Result<Reply, KvError> {
-        match &self.mesh {
-            Some(mesh) => mesh.request(owner, command, hops + 1).await,
-            None => Err(KvError::mesh_unavailable()),
+    /// Routes a command that has made `hops` hops: runs it here, or publishes
+    /// it to its owner (arriving there with `hops + 1`) without waiting for the
+    /// answer. Commands started one after the other take effect in that order.
+    pub async fn start(&self, command: Command, hops: u32) -> Started {
+        match self.target(&command, hops) {
+            Ok(Target::Local) => Started::Done(self.execute_local(command)),
+            Ok(Target::Remote(owner)) => match &self.mesh {
+                Some(mesh) => match mesh.send(owner, command, hops + 1).await {
+                    Ok(remote) => Started::Forwarded(remote),
+                    Err(err) => Started::Done(Err(err)),
+                },
+                None => Started::Done(Err(KvError::mesh_unavailable())),
+            },
+            Err(err) => Started::Done(Err(err)),
         }
     }
 
-    /// Publishes a command to `owner` without waiting for the answer; calls made
-    /// one after the other reach the owner in that order.
-    pub async fn send(
-        &self,
-        owner: &str,
-        command: Command,
-        hops: u32,
-    ) -> Result<RemoteReply, KvError> {
-        match &self.mesh {
-            Some(mesh) => mesh.send(owner, command, hops + 1).await,
-            None => Err(KvError::mesh_unavailable()),
-        }
-    }
-
-    /// Routes and runs a command wherever it belongs.
+    /// Routes and runs a command wherever it belongs, and waits for the result.
     pub async fn dispatch(&self, command: Command, hops: u32) -> Result<Reply, KvError> {
-        match self.target(&command, hops)? {
-            Target::Local => self.execute_local(command),
-            Target::Remote(owner) => self.forward(owner, &command, hops).await,
-        }
+        self.start(command, hops).await.finish().await
     }
 }
 
 impl Handler for Router {
-    fn handle(
+    fn start(
         &self,
         command: Command,
         hops: u32,
-    ) -> impl std::future::Future<Output = Result<Reply, KvError>> + Send {
-        self.dispatch(command, hops)
+    ) -> impl std::future::Future<Output = Started> + Send {
+        Router::start(self, command, hops)
     }
 }
 

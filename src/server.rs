@@ -27,8 +27,9 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::command::{Limits, Reply};
 use crate::error::KvError;
+use crate::mesh::Started;
 use crate::protocol::{self, LineError, Request};
-use crate::router::{Router, Target};
+use crate::router::Router;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -190,27 +191,20 @@ async fn read_requests(
                     tx.send(Pending::Close).await.map_err(|_| closed())?;
                     return Ok(());
                 }
-                Ok(Request::Op(command)) => match router.target(&command, 0) {
-                    Ok(Target::Local) => {
-                        protocol::write_result(&mut out, &router.execute_local(command))
-                    }
-                    Ok(Target::Remote(owner)) => match router.send(owner, command, 0).await {
-                        // Published in request order; the writer waits for the
-                        // answers in that order while later requests go out.
-                        Ok(remote) => {
-                            if !out.is_empty() {
-                                tx.send(Pending::Ready(out.split()))
-                                    .await
-                                    .map_err(|_| closed())?;
-                            }
-                            let answer = Box::pin(remote.wait());
-                            tx.send(Pending::Remote(answer))
+                Ok(Request::Op(command)) => match router.start(command, 0).await {
+                    Started::Done(result) => protocol::write_result(&mut out, &result),
+                    // Published in request order; the writer waits for the
+                    // answers in that order while later requests go out.
+                    Started::Forwarded(remote) => {
+                        if !out.is_empty() {
+                            tx.send(Pending::Ready(out.split()))
                                 .await
                                 .map_err(|_| closed())?;
                         }
-                        Err(err) => protocol::write_result(&mut out, &Err(err)),
-                    },
-                    Err(err) => protocol::write_result(&mut out, &Err(err)),
+                        tx.send(Pending::Remote(Box::pin(remote.wait())))
+                            .await
+                            .map_err(|_| closed())?;
+                    }
                 },
                 Err(err) => protocol::write_line_error(&mut out, &err),
             }

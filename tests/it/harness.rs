@@ -109,3 +109,92 @@ impl LineClient {
 pub fn kvmesh_bin() -> &'static str {
     env!("CARGO_BIN_EXE_kvmesh")
 }
+
+/// A node configuration for a mesh: a name, a routing table, NATS servers.
+pub fn mesh_config(name: &str, routes: &[(&str, &str)], nats_url: &str) -> Config {
+    Config {
+        node: name.into(),
+        listen: "127.0.0.1:0".into(),
+        nats_url: Some(nats_url.into()),
+        routes: Some(
+            routes
+                .iter()
+                .map(|(range, node)| kvmesh::config::RouteConfig {
+                    range: range.to_string(),
+                    node: node.to_string(),
+                })
+                .collect(),
+        ),
+        ..Config::default()
+    }
+}
+
+/// The two-node table of SPEC.md: a-m on foo, n-z on bar.
+pub const FOO_BAR: &[(&str, &str)] = &[("a-m", "foo"), ("n-z", "bar")];
+
+impl LineClient {
+    /// Sends `request` until the answer is `answer` (for the moments when the
+    /// mesh is still settling: NATS interest takes a few milliseconds to cross
+    /// a cluster, and a client reconnects after a restart). Fails after [`STEP`].
+    pub async fn eventually(&mut self, request: &str, answer: &str) {
+        let deadline = tokio::time::Instant::now() + STEP;
+        let mut last;
+        loop {
+            self.send(format!("{request}\r\n")).await;
+            last = self.read_answer().await;
+            if last == answer {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{request:?} never answered {answer:?}; last answer {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Reads one whole answer: one line, or two when the first is a value.
+    pub async fn read_answer(&mut self) -> String {
+        let first = self.read_line().await;
+        let one_line = [
+            "OK\r\n",
+            "PONG\r\n",
+            "BYE\r\n",
+            "NOT FOUND\r\n",
+            "UNKNOWN COMMAND\r\n",
+        ];
+        if one_line.contains(&first.as_str()) || first.starts_with("ERROR ") {
+            first
+        } else {
+            first + &self.read_line().await
+        }
+    }
+
+    /// Reads one line, with its `\r\n`.
+    pub async fn read_line(&mut self) -> String {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        within("read line", self.reader.read_line(&mut line))
+            .await
+            .expect("read line");
+        line
+    }
+}
+
+/// A NATS client for talking to nodes as `nats req` would.
+pub async fn nats_client(url: &str) -> async_nats::Client {
+    within("nats connect", async_nats::connect(url))
+        .await
+        .expect("nats connect")
+}
+
+/// Sends a raw request body, without headers, and returns the reply body.
+pub async fn nats_req(client: &async_nats::Client, subject: &str, body: &[u8]) -> String {
+    let reply = within(
+        "nats request",
+        client.request(subject.to_string(), body.to_vec().into()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("request to {subject}: {e}"));
+    String::from_utf8(reply.payload.to_vec()).expect("utf-8 reply")
+}

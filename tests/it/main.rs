@@ -1,7 +1,9 @@
 //! End-to-end tests: real sockets, real processes. One binary, one harness.
 
 mod harness;
+mod nats;
 
 mod bench;
+mod mesh;
 mod node;
 mod process;
