@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
+use std::io::BufRead;
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use kvmesh::{Config, Node};
@@ -197,4 +199,81 @@ pub async fn nats_req(client: &async_nats::Client, subject: &str, body: &[u8]) -
     .await
     .unwrap_or_else(|e| panic!("request to {subject}: {e}"));
     String::from_utf8(reply.payload.to_vec()).expect("utf-8 reply")
+}
+
+/// A `kvmesh` process, killed on drop if a test fails midway.
+pub struct Process {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    /// SIGKILL: the process dies without any goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The binary with no `KVMESH_*` variables from the test's environment.
+pub fn clean_command() -> Command {
+    let mut cmd = Command::new(kvmesh_bin());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("KVMESH_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// Starts the binary on a free port and reads the address from its log.
+pub fn spawn_kvmesh(args: &[&str]) -> Process {
+    spawn_kvmesh_with(clean_command(), args)
+}
+
+/// Starts `cmd` (the binary, with its environment) on a free port and reads
+/// the address from its log.
+pub fn spawn_kvmesh_with(mut cmd: Command, args: &[&str]) -> Process {
+    let mut child = cmd
+        .args(args)
+        .env("KVMESH_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kvmesh");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line
+                .contains("node ready")
+                .then(|| line.split("addr=").nth(1))
+                .flatten()
+            {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(STEP)
+        .expect("kvmesh logs its address")
+        .parse()
+        .expect("an address");
+    Process { child, addr }
 }

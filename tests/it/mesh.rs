@@ -769,3 +769,32 @@ async fn the_service_api_lists_every_node_with_its_counts() {
     foo.shutdown().await;
     bar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_owner_process_is_unavailable_at_once() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let mut config = mesh_config("foo", FOO_BAR, &nats.url());
+    config.request_timeout_ms = 60_000;
+    let foo = start_node(config).await;
+    let routes = r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#;
+    let spawn_bar = || {
+        let mut cmd = clean_command();
+        cmd.env("KVMESH_ROUTES", routes);
+        spawn_kvmesh_with(cmd, &["--node", "bar", "--nats-url", &nats.url()])
+    };
+    let mut bar = spawn_bar();
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("CREATE zebra", "OK\r\n").await;
+    bar.kill();
+    // With a 60 s timeout configured, an answer within the test's step shows
+    // that nobody waited for it.
+    c.exchange("GET zebra k", "ERROR node bar unavailable\r\n")
+        .await;
+    let _bar = spawn_bar();
+    c.exchange("CREATE zebra", "OK\r\n").await;
+    c.exchange("PUT zebra k back", "OK\r\n").await;
+    c.exchange("GET zebra k", "back\r\nOK\r\n").await;
+    foo.shutdown().await;
+}

@@ -1,66 +1,9 @@
 //! The built binary: what only a process shows (signals, exit codes, config errors).
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
-
-/// A `kvmesh` process, killed on drop if a test fails midway.
-struct Process {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn clean_command() -> Command {
-    let mut cmd = Command::new(kvmesh_bin());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("KVMESH_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("RUST_LOG", "info");
-    cmd
-}
-
-/// Starts the binary on a free port and reads the address from its log.
-fn spawn_kvmesh(args: &[&str]) -> Process {
-    let mut child = clean_command()
-        .args(args)
-        .env("KVMESH_LISTEN", "127.0.0.1:0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kvmesh");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("addr=").nth(1) {
-                let addr = rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(STEP)
-        .expect("kvmesh logs its address")
-        .parse()
-        .expect("an address");
-    Process { child, addr }
-}
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + STEP;
