@@ -10,10 +10,12 @@ use std::path::{Path, PathBuf};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider, Source};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 use crate::command::valid_node_name;
 use crate::router::{ByteRange, RoutingTable};
+pub use crate::secret::Secret;
+use crate::secret::{option_scalar_as_string, redact_url, scalar_as_string};
 
 /// The environment variable naming the configuration file.
 pub const CONFIG_ENV: &str = "KVMESH_CONFIG";
@@ -51,6 +53,34 @@ pub struct Config {
     /// The routing table; `None` means one catch-all entry for this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<Vec<RouteConfig>>,
+    /// NATS user name (with `nats_password`).
+    #[serde(
+        default,
+        deserialize_with = "option_scalar_as_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub nats_user: Option<String>,
+    /// NATS password (with `nats_user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_password: Option<Secret>,
+    /// NATS authentication token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_token: Option<Secret>,
+    /// A NATS credentials file (JWT and nkey seed), as `nsc` writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_creds: Option<PathBuf>,
+    /// A file holding an nkey seed (`SU...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_nkey: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the NATS server with; turns TLS on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS servers that verify clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_tls_key: Option<PathBuf>,
 }
 
 /// One `[[routes]]` entry.
@@ -77,6 +107,14 @@ impl Default for Config {
             max_value_bytes: 512 * 1024,
             max_connections: 10_000,
             routes: None,
+            nats_user: None,
+            nats_password: None,
+            nats_token: None,
+            nats_creds: None,
+            nats_nkey: None,
+            nats_tls_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
         }
     }
 }
@@ -198,6 +236,69 @@ impl Config {
             }
         }
         self.routing_table()?;
+        self.check_security()?;
+        Ok(())
+    }
+
+    fn check_security(&self) -> Result<(), Invalid> {
+        match (&self.nats_user, &self.nats_password) {
+            (Some(_), None) => {
+                return Err(Invalid::at(
+                    "nats_password",
+                    "nats_user needs nats_password",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Invalid::at("nats_user", "nats_password needs nats_user"));
+            }
+            _ => {}
+        }
+        let methods: Vec<&str> = [
+            ("nats_user", self.nats_user.is_some()),
+            ("nats_token", self.nats_token.is_some()),
+            ("nats_creds", self.nats_creds.is_some()),
+            ("nats_nkey", self.nats_nkey.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect();
+        if methods.len() > 1 {
+            return Err(Invalid::at(
+                methods[1],
+                format!(
+                    "choose one way to authenticate, not {}",
+                    methods.join(" and ")
+                ),
+            ));
+        }
+        match (&self.nats_tls_cert, &self.nats_tls_key) {
+            (Some(_), None) => {
+                return Err(Invalid::at(
+                    "nats_tls_key",
+                    "nats_tls_cert needs nats_tls_key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Invalid::at(
+                    "nats_tls_cert",
+                    "nats_tls_key needs nats_tls_cert",
+                ));
+            }
+            _ => {}
+        }
+        for (key, path) in [
+            ("nats_creds", &self.nats_creds),
+            ("nats_nkey", &self.nats_nkey),
+            ("nats_tls_ca", &self.nats_tls_ca),
+            ("nats_tls_cert", &self.nats_tls_cert),
+            ("nats_tls_key", &self.nats_tls_key),
+        ] {
+            if let Some(path) = path {
+                std::fs::metadata(path).map_err(|e| {
+                    Invalid::at(key, format!("cannot read {}: {e}", path.display()))
+                })?;
+            }
+        }
         Ok(())
     }
 
@@ -236,6 +337,72 @@ impl Config {
                     .then(|| vec![DEFAULT_NATS_URL.to_string()])
             }
         }
+    }
+}
+
+/// Every key, in the order `check-config` shows them.
+const KEYS: &[&str] = &[
+    "node",
+    "listen",
+    "nats_url",
+    "request_timeout_ms",
+    "max_hops",
+    "max_line_bytes",
+    "max_value_bytes",
+    "max_connections",
+    "nats_user",
+    "nats_password",
+    "nats_token",
+    "nats_creds",
+    "nats_nkey",
+    "nats_tls_ca",
+    "nats_tls_cert",
+    "nats_tls_key",
+    "routes",
+];
+
+/// The effective configuration as TOML, each key followed by the layer it came
+/// from; secrets show as `(hidden)`. Fails like [`Config::load`].
+pub fn describe(overrides: &Overrides) -> Result<String, ConfigError> {
+    let config = Config::load(overrides)?;
+    let figment = Config::figment(overrides)?;
+    let mut values = serde_json::to_value(&config).unwrap_or_default();
+    if let Some(urls) = &config.nats_url {
+        let shown: Vec<String> = urls.split(',').map(|u| redact_url(u.trim())).collect();
+        values["nats_url"] = serde_json::Value::String(shown.join(","));
+    }
+    let mut out = String::from("# effective kvmesh configuration\n");
+    for key in KEYS {
+        let source = describe_source(figment.find_metadata(key), key);
+        match values.get(*key) {
+            Some(value) => out.push_str(&format!("{key} = {}  # {source}\n", toml_value(value))),
+            None if *key == "routes" => out.push_str(&format!(
+                "# routes: not set: one \"*\" entry for node {:?}\n",
+                config.node
+            )),
+            None => out.push_str(&format!("# {key}: not set\n")),
+        }
+    }
+    Ok(out)
+}
+
+/// Writes a JSON value as an inline TOML value.
+fn toml_value(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => Value::String(s.clone()).to_string(),
+        Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(toml_value).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Value::Object(fields) => {
+            let fields: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", toml_value(v)))
+                .collect();
+            format!("{{ {} }}", fields.join(", "))
+        }
+        other => other.to_string(),
     }
 }
 
@@ -403,49 +570,6 @@ impl Provider for Layer {
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
         self.inner.data()
-    }
-}
-
-/// Reads a scalar as text: `KVMESH_NODE=1` names node "1", it is not a number.
-fn scalar_as_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    d.deserialize_any(ScalarVisitor)
-}
-
-fn option_scalar_as_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    d.deserialize_any(ScalarVisitor).map(Some)
-}
-
-struct ScalarVisitor;
-
-impl serde::de::Visitor<'_> for ScalarVisitor {
-    type Value = String;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a string")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
-        Ok(v.to_owned())
-    }
-
-    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
-        Ok(v)
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
-        Ok(v.to_string())
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
-        Ok(v.to_string())
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
-        Ok(v.to_string())
-    }
-
-    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
-        Ok(v.to_string())
     }
 }
 

@@ -22,9 +22,11 @@ pub mod config;
 pub mod error;
 pub mod mesh;
 pub mod node;
+pub mod ping;
 pub mod protocol;
 pub mod registry;
 pub mod router;
+pub mod secret;
 pub mod server;
 pub mod wire;
 

@@ -16,6 +16,16 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "KVMESH_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+/// The configuration layers given on the command line.
+#[derive(Debug, clap::Args)]
+struct NodeArgs {
     /// Configuration file (TOML).
     #[arg(long, env = kvmesh::config::CONFIG_ENV, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -28,15 +38,37 @@ struct Cli {
     /// NATS server URL, or a comma-separated list.
     #[arg(long, value_name = "URLS")]
     nats_url: Option<String>,
-    /// Log line format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "KVMESH_LOG_FORMAT")]
-    log_format: LogFormat,
+}
+
+impl NodeArgs {
+    fn overrides(self) -> Overrides {
+        Overrides {
+            config_file: self.config,
+            node: self.node,
+            listen: self.listen,
+            nats_url: self.nats_url,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Drive one or more nodes with load, check every answer, report rate and latency.
     Bench(BenchArgs),
+    /// Check that a node answers PING on its TCP port (exit 0 on PONG).
+    Ping {
+        /// The node's TCP address.
+        #[arg(long, default_value = "127.0.0.1:4040")]
+        addr: String,
+        /// How long to wait, in milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// Validate the configuration and print it, with where each value came from.
+    CheckConfig {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -85,15 +117,35 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    if let Some(Cmd::Bench(args)) = cli.command {
-        return bench(args);
+    match cli.command {
+        Some(Cmd::Bench(args)) => return bench(args),
+        Some(Cmd::Ping { addr, timeout_ms }) => {
+            return match kvmesh::ping::ping(&addr, Duration::from_millis(timeout_ms)) {
+                Ok(()) => {
+                    println!("PONG from {addr}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("kvmesh ping: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Cmd::CheckConfig { node }) => {
+            return match kvmesh::config::describe(&node.overrides()) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("kvmesh: {err}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        None => {}
     }
-    let overrides = Overrides {
-        config_file: cli.config,
-        node: cli.node,
-        listen: cli.listen,
-        nats_url: cli.nats_url,
-    };
+    let overrides = cli.node.overrides();
     let config = match Config::load(&overrides) {
         Ok(config) => config,
         Err(err) => {
@@ -196,9 +248,11 @@ fn bench(args: BenchArgs) -> ExitCode {
     }
 }
 
+/// Logs go to stderr. The default filter hides async-nats's own lines: the
+/// node reports every NATS event itself (see `mesh.rs`), once.
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,async_nats=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

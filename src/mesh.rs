@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +30,7 @@ use tracing::{Instrument, debug, debug_span, info, warn};
 
 use crate::command::{Command, Limits, Reply};
 use crate::error::KvError;
+use crate::secret::{Secret, redact_url};
 use crate::wire::{self, BadReply, HOPS_HEADER, WireRequest};
 
 /// The NATS service name every node registers under.
@@ -82,6 +84,60 @@ pub enum MeshError {
     Service(String),
 }
 
+/// How to authenticate to NATS and secure the connection.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// User name and password.
+    pub user_password: Option<(String, Secret)>,
+    /// Token.
+    pub token: Option<Secret>,
+    /// Credentials file (JWT and seed).
+    pub creds_file: Option<PathBuf>,
+    /// File holding an nkey seed.
+    pub nkey_file: Option<PathBuf>,
+    /// CA certificate to verify the server with.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key.
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+}
+
+impl Security {
+    async fn apply(&self, mut options: ConnectOptions) -> Result<ConnectOptions, MeshError> {
+        if let Some((user, password)) = &self.user_password {
+            options = options.user_and_password(user.clone(), password.expose().to_owned());
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.expose().to_owned());
+        }
+        if let Some(path) = &self.creds_file {
+            options = options.credentials_file(path).await.map_err(|e| {
+                MeshError::Connect(format!(
+                    "cannot use credentials file {}: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        if let Some(path) = &self.nkey_file {
+            let seed = std::fs::read_to_string(path).map_err(|e| {
+                MeshError::Connect(format!(
+                    "cannot read nkey seed file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            options = options.nkey(seed.trim().to_owned());
+        }
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &self.tls_client {
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        Ok(options)
+    }
+}
+
 /// A node's connection to the mesh: cheap to clone.
 #[derive(Clone)]
 pub struct Mesh {
@@ -107,6 +163,7 @@ impl Mesh {
         servers: &[String],
         node: &str,
         timeout: Duration,
+        security: &Security,
     ) -> Result<Mesh, MeshError> {
         let addrs: Vec<async_nats::ServerAddr> = servers
             .iter()
@@ -129,15 +186,23 @@ impl Mesh {
                     async move { log_event(&node, event) }
                 })
         };
-        let client = match options().connect(addrs.clone()).await {
+        let shown: Vec<String> = servers.iter().map(|s| redact_url(s)).collect();
+        let client = match security
+            .apply(options())
+            .await?
+            .connect(addrs.clone())
+            .await
+        {
             Ok(client) => client,
             Err(err) => {
                 warn!(
                     error = %err,
-                    servers = %servers.join(","),
-                    "NATS is unreachable; serving this node's buckets and retrying in the background"
+                    servers = %shown.join(","),
+                    "cannot connect to NATS; serving this node's buckets and retrying in the background"
                 );
-                options()
+                security
+                    .apply(options())
+                    .await?
                     .retry_on_initial_connect()
                     .connect(addrs)
                     .await
@@ -330,10 +395,16 @@ impl Mesh {
         }
     }
 
-    /// Waits for the server to have processed everything sent, then closes.
+    /// Flushes what was sent and closes the connection. While disconnected there
+    /// is nothing to drain (and the client would wait for a server forever).
     pub async fn drain(&self) {
-        if let Err(err) = self.inner.client.drain().await {
-            debug!(error = %err, "drain failed");
+        if !self.is_connected() {
+            return;
+        }
+        match tokio::time::timeout(self.inner.timeout, self.inner.client.drain()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => debug!(error = %err, "drain failed"),
+            Err(_) => warn!("draining the NATS connection timed out"),
         }
     }
 }
@@ -392,11 +463,18 @@ pub struct Serving {
 impl Serving {
     /// Unsubscribes and waits for the serve loop to end (handlers already
     /// started keep running on the tracker).
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         if let Err(err) = self.service.stop().await {
             debug!(error = %err, "stopping the service failed");
         }
-        let _ = self.task.await;
+        // The loop ends once the server confirms the unsubscription; while NATS
+        // is unreachable that never comes, so do not wait for long.
+        if tokio::time::timeout(Duration::from_secs(1), &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
     }
 }
 
@@ -470,7 +548,7 @@ fn log_event(node: &str, event: Event) {
         Event::Connected => info!(node, "connected to NATS"),
         Event::Disconnected => warn!(node, "disconnected from NATS; reconnecting"),
         Event::SlowConsumer(sid) => warn!(node, sid, "NATS dropped messages: slow consumer"),
-        Event::ClientError(err) => warn!(node, error = %err, "NATS client error"),
+        Event::ClientError(err) => warn!(node, error = %err, "NATS connection failed; retrying"),
         Event::ServerError(err) => warn!(node, error = %err, "NATS server error"),
         other => info!(node, event = %other, "NATS event"),
     }

@@ -13,9 +13,10 @@ use tracing::{info, warn};
 
 use crate::command::Limits;
 use crate::config::{Config, Invalid};
-use crate::mesh::{Mesh, MeshError, Serving};
+use crate::mesh::{Mesh, MeshError, Security, Serving};
 use crate::registry::Registry;
 use crate::router::Router;
+use crate::secret::redact_url;
 use crate::server::{self, ServerLimits};
 
 /// Pending connections the kernel queues for us. The usual 128 drops connects
@@ -72,7 +73,11 @@ impl Node {
         })?;
         let servers = config.nats_servers();
         let nats = match &servers {
-            Some(servers) => servers.join(","),
+            Some(servers) => servers
+                .iter()
+                .map(|s| redact_url(s))
+                .collect::<Vec<_>>()
+                .join(","),
             None => "not needed (this node owns every routed bucket)".to_string(),
         };
         info!(node = %config.node, %addr, routes = %table, %nats, "kvmesh node starting");
@@ -82,6 +87,7 @@ impl Node {
                     servers,
                     &config.node,
                     Duration::from_millis(config.request_timeout_ms),
+                    &security(&config),
                 )
                 .await?,
             ),
@@ -167,6 +173,21 @@ impl Node {
             mesh.drain().await;
         }
         info!(node = %self.name, "stopped");
+    }
+}
+
+/// The NATS security settings of a configuration.
+fn security(config: &Config) -> Security {
+    Security {
+        user_password: config.nats_user.clone().zip(config.nats_password.clone()),
+        token: config.nats_token.clone(),
+        creds_file: config.nats_creds.clone(),
+        nkey_file: config.nats_nkey.clone(),
+        tls_ca: config.nats_tls_ca.clone(),
+        tls_client: config
+            .nats_tls_cert
+            .clone()
+            .zip(config.nats_tls_key.clone()),
     }
 }
 

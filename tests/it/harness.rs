@@ -6,6 +6,7 @@
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvmesh::{Config, Node};
@@ -205,9 +206,53 @@ pub async fn nats_req(client: &async_nats::Client, subject: &str, body: &[u8]) -
 pub struct Process {
     pub child: Child,
     pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Process {
+    /// The log lines so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Waits for `count` log lines containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, count: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + STEP;
+        loop {
+            let found: Vec<String> = self
+                .log()
+                .into_iter()
+                .filter(|l| l.contains(needle))
+                .collect();
+            if found.len() >= count {
+                return found;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {count} log lines with {needle:?}:\n{}",
+                self.log().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal (`-TERM`, `-INT`) and waits for the exit status.
+    pub fn stop_with(&mut self, signal: &str) -> Option<i32> {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + STEP;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(std::time::Instant::now() < deadline, "kvmesh did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGKILL: the process dies without any goodbye.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -250,24 +295,26 @@ pub fn spawn_kvmesh_with(mut cmd: Command, args: &[&str]) -> Process {
         .spawn()
         .expect("spawn kvmesh");
     let stderr = child.stderr.take().expect("stderr");
+    let log = Arc::new(Mutex::new(Vec::new()));
     let (tx, rx) = std::sync::mpsc::channel();
+    let lines = log.clone();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
         {
-            if let Some(rest) = line
-                .contains("node ready")
-                .then(|| line.split("addr=").nth(1))
-                .flatten()
-            {
-                let addr = rest
-                    .split_whitespace()
-                    .next()
+            // The address of the "ready" line, in text or JSON form.
+            if line.contains("node ready") {
+                let addr = line
+                    .split("addr")
+                    .nth(1)
+                    .map(|rest| rest.trim_start_matches(['=', '"', ':']))
+                    .and_then(|rest| rest.split(['"', ' ']).next())
                     .unwrap_or_default()
                     .to_string();
                 let _ = tx.send(addr);
             }
+            lines.lock().expect("log lock").push(line);
         }
     });
     let addr = rx
@@ -275,5 +322,5 @@ pub fn spawn_kvmesh_with(mut cmd: Command, args: &[&str]) -> Process {
         .expect("kvmesh logs its address")
         .parse()
         .expect("an address");
-    Process { child, addr }
+    Process { child, addr, log }
 }

@@ -6,4 +6,7 @@ mod nats;
 mod bench;
 mod mesh;
 mod node;
+mod ops;
 mod process;
+mod security;
+mod topology;
