@@ -324,3 +324,13 @@ pub fn spawn_kvmesh_with(mut cmd: Command, args: &[&str]) -> Process {
         .expect("an address");
     Process { child, addr, log }
 }
+
+/// Runs the binary to its end: exit code, stdout, stderr.
+pub fn run(cmd: &mut Command) -> (Option<i32>, String, String) {
+    let out = cmd.stdin(Stdio::null()).output().expect("run kvmesh");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -2,18 +2,8 @@
 //! `--log-format json`, and stopping a node whose NATS is out of reach.
 
 use std::io::{Read, Write};
-use std::process::Stdio;
 
 use crate::harness::*;
-
-fn run(cmd: &mut std::process::Command) -> (Option<i32>, String, String) {
-    let out = cmd.stdin(Stdio::null()).output().expect("run kvmesh");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_succeeds_on_a_node() {

@@ -1,38 +1,16 @@
 //! The built binary: what only a process shows (signals, exit codes, config errors).
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use crate::harness::*;
-
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + STEP;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "kvmesh did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
 
 #[tokio::test]
 async fn sigterm_stops_the_node_with_exit_status_zero() {
     let mut p = spawn_kvmesh(&[]);
     let mut c = LineClient::connect(p.addr).await;
     c.exchange("CREATE x", "OK\r\n").await;
-    signal(&p.child, "-TERM");
+    assert_eq!(p.stop_with("-TERM"), Some(0));
     c.expect_eof().await;
-    let status = wait_exit(&mut p.child);
-    assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
 #[tokio::test]
@@ -40,17 +18,7 @@ async fn sigint_stops_the_node_with_exit_status_zero() {
     let mut p = spawn_kvmesh(&["--node", "n1"]);
     let mut c = LineClient::connect(p.addr).await;
     c.exchange("WHERE x", "n1\r\nOK\r\n").await;
-    signal(&p.child, "-INT");
-    let status = wait_exit(&mut p.child);
-    assert_eq!(status.code(), Some(0), "{status:?}");
-}
-
-fn run_to_exit(cmd: &mut Command) -> (Option<i32>, String) {
-    let out = cmd.stdin(Stdio::null()).output().expect("run kvmesh");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    assert_eq!(p.stop_with("-INT"), Some(0));
 }
 
 #[test]
@@ -126,7 +94,7 @@ fn a_bad_configuration_exits_non_zero_naming_the_key_and_its_source() {
         ),
     ];
     for (mut cmd, key, source) in cases {
-        let (code, stderr) = run_to_exit(&mut cmd);
+        let (code, _, stderr) = run(&mut cmd);
         assert_eq!(code, Some(2), "{stderr}");
         assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
         assert!(
@@ -141,7 +109,7 @@ fn a_bad_configuration_exits_non_zero_naming_the_key_and_its_source() {
 fn an_address_in_use_exits_non_zero() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().unwrap().to_string();
-    let (code, stderr) = run_to_exit(clean_command().args(["--listen", &addr]));
+    let (code, _, stderr) = run(clean_command().args(["--listen", &addr]));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!("cannot listen on {addr}")),
@@ -151,7 +119,7 @@ fn an_address_in_use_exits_non_zero() {
 
 #[test]
 fn version_and_help_work() {
-    let (code, _) = run_to_exit(clean_command().arg("--version"));
+    let (code, _, _) = run(clean_command().arg("--version"));
     assert_eq!(code, Some(0));
     let out = clean_command().arg("--help").output().expect("help");
     let help = String::from_utf8_lossy(&out.stdout);
