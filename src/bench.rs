@@ -1,10 +1,12 @@
-//! `kvmesh bench`: a load generator that drives one or more nodes over the text
-//! protocol and checks every answer.
+//! `kvmesh bench`: a load generator that drives kvmesh nodes (or, for
+//! comparison, Redis over RESP or a bare NATS request/reply responder) and
+//! checks every answer.
 //!
 //! Every PUT of a key writes the same value (derived from the key), so a GET must
-//! answer either that value or, before the key was ever written, an empty line;
-//! anything else counts as a wrong answer. A benchmark that accepted wrong
-//! answers would measure nothing.
+//! answer either that value or, before the key was ever written, nothing; any
+//! other answer counts as an error. A benchmark that accepted wrong answers would
+//! measure nothing. Requests are prepared before the run, so the client spends
+//! its time on sockets, not on formatting.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -12,17 +14,33 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// What is being measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// kvmesh nodes over the text protocol.
+    Kvmesh,
+    /// Redis over RESP; bucket `b` and key `k` become the Redis key `b:k`.
+    Redis,
+    /// Raw NATS request/reply against a responder the benchmark runs itself:
+    /// the floor of one routed request.
+    Nats,
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// Nodes to connect to; connections are spread over them in turn.
-    pub addrs: Vec<SocketAddr>,
-    /// Connections.
+    /// What to drive.
+    pub target: Target,
+    /// Addresses (`host:port`; a NATS URL for [`Target::Nats`]); connections are
+    /// spread over them in turn.
+    pub addrs: Vec<String>,
+    /// Connections (for NATS: concurrent requesters on one connection).
     pub conns: usize,
     /// Requests in flight per connection.
     pub pipeline: usize,
@@ -47,7 +65,7 @@ pub struct BenchOptions {
 pub struct BenchReport {
     /// Requests answered correctly.
     pub ok: u64,
-    /// Requests answered with an `ERROR` line or a wrong value.
+    /// Requests answered with an error or a wrong value.
     pub errors: u64,
     /// Seconds from the first request to the last answer.
     pub seconds: f64,
@@ -63,6 +81,8 @@ pub struct BenchReport {
     pub p999_us: u64,
     /// Slowest request.
     pub max_us: u64,
+    /// CPU the benchmark itself used, in percent of one core.
+    pub client_cpu_percent: f64,
     /// The first wrong answer seen, if any.
     pub first_error: Option<String>,
 }
@@ -74,11 +94,12 @@ impl std::fmt::Display for BenchReport {
             "{} requests in {:.2} s: {:.0} requests/s, {} errors",
             self.ok, self.seconds, self.requests_per_sec, self.errors
         )?;
-        write!(
+        writeln!(
             f,
             "latency us: p50 {} p90 {} p99 {} p99.9 {} max {}",
             self.p50_us, self.p90_us, self.p99_us, self.p999_us, self.max_us
         )?;
+        write!(f, "client CPU: {:.0}% of one core", self.client_cpu_percent)?;
         if let Some(e) = &self.first_error {
             write!(f, "\nfirst error: {e}")?;
         }
@@ -94,13 +115,110 @@ pub enum BenchError {
     Setup(String),
 }
 
+/// The requests of a run, prepared once: for every bucket and key, the bytes of
+/// a GET and a PUT and the value a GET must find.
+struct Workload {
+    gets: Vec<Vec<u8>>,
+    puts: Vec<Vec<u8>>,
+    values: Vec<Vec<u8>>,
+}
+
+impl Workload {
+    fn new(opts: &BenchOptions) -> Self {
+        let n = opts.buckets.len() * opts.keys as usize;
+        let mut w = Workload {
+            gets: Vec::with_capacity(n),
+            puts: Vec::with_capacity(n),
+            values: Vec::with_capacity(n),
+        };
+        for bucket in &opts.buckets {
+            for k in 0..opts.keys {
+                let key = format!("k{k}");
+                let value = value_for(&key, opts.value_size);
+                match opts.target {
+                    Target::Kvmesh => {
+                        w.gets.push(format!("GET {bucket} {key}\r\n").into_bytes());
+                        w.puts
+                            .push(format!("PUT {bucket} {key} {value}\r\n").into_bytes());
+                    }
+                    Target::Redis => {
+                        let rkey = format!("{bucket}:{key}");
+                        w.gets.push(resp(&["GET", &rkey]));
+                        w.puts.push(resp(&["SET", &rkey, &value]));
+                    }
+                    Target::Nats => {
+                        w.gets.push(
+                            format!(r#"{{"op":"get","bucket":"{bucket}","key":"{key}"}}"#)
+                                .into_bytes(),
+                        );
+                        w.puts.push(
+                            format!(r#"{{"op":"put","bucket":"{bucket}","key":"{key}","value":"{value}"}}"#)
+                                .into_bytes(),
+                        );
+                    }
+                }
+                w.values.push(value.into_bytes());
+            }
+        }
+        w
+    }
+}
+
+/// A RESP array of bulk strings.
+fn resp(words: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", words.len()).into_bytes();
+    for w in words {
+        out.extend_from_slice(format!("${}\r\n{w}\r\n", w.len()).as_bytes());
+    }
+    out
+}
+
+/// The value every PUT of `key` writes.
+fn value_for(key: &str, size: usize) -> String {
+    let mut v = String::with_capacity(size + key.len());
+    while v.len() < size {
+        v.push_str(key);
+        v.push('.');
+    }
+    v.truncate(size.max(1));
+    v
+}
+
 struct Shared {
     opts: BenchOptions,
+    work: Workload,
     budget: AtomicU64,
     done: AtomicBool,
     ok: AtomicU64,
     errors: AtomicU64,
 }
+
+impl Shared {
+    /// Takes up to `want` requests from the budget.
+    fn grant(&self, want: u64) -> u64 {
+        if self.done.load(Ordering::Relaxed) {
+            return 0;
+        }
+        self.budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(want))
+            })
+            .unwrap_or(0)
+            .min(want)
+    }
+
+    fn count(&self, verdict: Result<(), String>, first_error: &mut Option<String>) {
+        match verdict {
+            Ok(()) => self.ok.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                first_error.get_or_insert(e);
+                self.errors.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+}
+
+type ConnResult = Result<(Histogram<u64>, Option<String>), String>;
 
 /// Runs the benchmark and reports.
 pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
@@ -109,20 +227,37 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             "need an address, a bucket, a connection and a key".into(),
         ));
     }
-    setup(&opts).await?;
+    let work = Workload::new(&opts);
+    let nats = match opts.target {
+        Target::Nats => Some(nats_responder(&opts.addrs[0], &opts).await?),
+        _ => {
+            setup(&opts, &work).await?;
+            None
+        }
+    };
     let shared = Arc::new(Shared {
         budget: AtomicU64::new(opts.requests.unwrap_or(u64::MAX)),
         opts: opts.clone(),
+        work,
         done: AtomicBool::new(false),
         ok: AtomicU64::new(0),
         errors: AtomicU64::new(0),
     });
+    let cpu_before = process_cpu_seconds();
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(opts.conns);
     for i in 0..opts.conns {
         let shared = shared.clone();
-        let addr = opts.addrs[i % opts.addrs.len()];
-        tasks.push(tokio::spawn(connection(shared, addr, i as u64)));
+        let id = i as u64;
+        tasks.push(match &nats {
+            Some((client, subject)) => {
+                tokio::spawn(nats_requester(shared, client.clone(), subject.clone(), id))
+            }
+            None => {
+                let addr = opts.addrs[i % opts.addrs.len()].clone();
+                tokio::spawn(connection(shared, addr, id))
+            }
+        });
     }
     let progress = std::io::stderr().is_terminal().then(|| {
         let shared = shared.clone();
@@ -165,6 +300,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         p.abort();
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = process_cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
     let ok = shared.ok.load(Ordering::Relaxed);
     Ok(BenchReport {
         ok,
@@ -176,49 +312,54 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         p99_us: hist.value_at_quantile(0.99),
         p999_us: hist.value_at_quantile(0.999),
         max_us: hist.max(),
+        client_cpu_percent: cpu.map(|c| 100.0 * c / seconds).unwrap_or(0.0),
         first_error,
     })
 }
 
 fn new_histogram() -> Histogram<u64> {
-    // 1 us to 100 s at 3 significant digits (values past the top are clamped).
+    // 1 us to 100 s at 3 significant digits (larger values are clamped).
     let mut h = Histogram::new_with_bounds(1, 100_000_000, 3).expect("constant bounds are valid");
     h.auto(true);
     h
 }
 
-/// The value every PUT of `key` writes.
-fn value_for(key: &str, size: usize) -> String {
-    let mut v = String::with_capacity(size);
-    while v.len() < size {
-        v.push_str(key);
-        v.push('.');
-    }
-    v.truncate(size.max(1));
-    v
+/// User plus system CPU time of this process, from `/proc/self/stat`.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // Linux reports in USER_HZ, 100 per second on every common build.
+    Some(ticks / 100.0)
 }
 
 /// Creates the buckets and, with `prefill`, writes every key once.
-async fn setup(opts: &BenchOptions) -> Result<(), BenchError> {
-    let mut conn = Conn::connect(opts.addrs[0]).await?;
-    for bucket in &opts.buckets {
-        conn.send(format!("CREATE {bucket}\r\n").as_bytes()).await?;
-        conn.expect_line("OK").await?;
+async fn setup(opts: &BenchOptions, work: &Workload) -> Result<(), BenchError> {
+    let mut conn = Conn::connect(&opts.addrs[0]).await?;
+    if opts.target == Target::Kvmesh {
+        for bucket in &opts.buckets {
+            conn.send(format!("CREATE {bucket}\r\n").as_bytes()).await?;
+            let line = conn.line().await?;
+            if &line[..] != b"OK" {
+                return Err(BenchError::Setup(format!(
+                    "CREATE {bucket} answered {:?}",
+                    String::from_utf8_lossy(&line)
+                )));
+            }
+        }
     }
     if opts.prefill {
-        for bucket in &opts.buckets {
-            for chunk in (0..opts.keys).collect::<Vec<_>>().chunks(256) {
-                let mut batch = String::new();
-                for k in chunk {
-                    let key = format!("k{k}");
-                    batch.push_str(&format!(
-                        "PUT {bucket} {key} {}\r\n",
-                        value_for(&key, opts.value_size)
-                    ));
-                }
-                conn.send(batch.as_bytes()).await?;
-                for _ in chunk {
-                    conn.expect_line("OK").await?;
+        for chunk in work.puts.chunks(512) {
+            conn.send(&chunk.concat()).await?;
+            for _ in chunk {
+                let line = conn.line().await?;
+                if &line[..] != b"OK" && &line[..] != b"+OK" {
+                    return Err(BenchError::Setup(format!(
+                        "prefill PUT answered {:?}",
+                        String::from_utf8_lossy(&line)
+                    )));
                 }
             }
         }
@@ -226,53 +367,56 @@ async fn setup(opts: &BenchOptions) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// A client connection with its own line reader.
 struct Conn {
-    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
-    line: String,
+    stream: TcpStream,
+    buf: BytesMut,
 }
 
 impl Conn {
-    async fn connect(addr: SocketAddr) -> Result<Self, BenchError> {
-        let stream = TcpStream::connect(addr)
+    async fn connect(addr: &str) -> Result<Self, BenchError> {
+        let target: SocketAddr = tokio::net::lookup_host(addr)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| BenchError::Setup(format!("cannot resolve {addr}")))?;
+        let stream = TcpStream::connect(target)
             .await
             .map_err(|e| BenchError::Setup(format!("cannot connect to {addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
         Ok(Self {
-            reader: BufReader::with_capacity(64 * 1024, r),
-            writer: w,
-            line: String::new(),
+            stream,
+            buf: BytesMut::with_capacity(64 * 1024),
         })
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), BenchError> {
-        self.writer
+        self.stream
             .write_all(bytes)
             .await
             .map_err(|e| BenchError::Setup(format!("write: {e}")))
     }
 
     /// The next line, without its `\r\n`.
-    async fn read_line(&mut self) -> Result<&str, BenchError> {
-        self.line.clear();
-        let n = self
-            .reader
-            .read_line(&mut self.line)
-            .await
-            .map_err(|e| BenchError::Setup(format!("read: {e}")))?;
-        if n == 0 {
-            return Err(BenchError::Setup("the node closed the connection".into()));
-        }
-        Ok(self.line.trim_end_matches(['\r', '\n']))
-    }
-
-    async fn expect_line(&mut self, want: &str) -> Result<(), BenchError> {
-        let got = self.read_line().await?;
-        if got == want {
-            Ok(())
-        } else {
-            Err(BenchError::Setup(format!("expected {want:?}, got {got:?}")))
+    async fn line(&mut self) -> Result<BytesMut, BenchError> {
+        loop {
+            if let Some(i) = memchr::memchr(b'\n', &self.buf) {
+                let mut line = self.buf.split_to(i + 1);
+                line.truncate(i);
+                if line.last() == Some(&b'\r') {
+                    line.truncate(i - 1);
+                }
+                return Ok(line);
+            }
+            self.buf.reserve(64 * 1024);
+            let n = self
+                .stream
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| BenchError::Setup(format!("read: {e}")))?;
+            if n == 0 {
+                return Err(BenchError::Setup("the server closed the connection".into()));
+            }
         }
     }
 }
@@ -314,95 +458,191 @@ pub fn parse_mix(mix: &str) -> Result<u32, String> {
 struct XorShift(u64);
 
 impl XorShift {
+    fn seeded(id: u64) -> Self {
+        Self(0x9E37_79B9_7F4A_7C15 ^ (id + 1).wrapping_mul(0x2545_F491_4F6C_DD1D))
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
+
+    /// A request: (is it a GET, which bucket-and-key).
+    fn pick(&mut self, opts: &BenchOptions, n: usize) -> (bool, usize) {
+        let get = (self.next() % 100) < u64::from(opts.get_percent);
+        (get, (self.next() % n as u64) as usize)
+    }
 }
 
-enum Sent {
-    Get(String),
-    Put,
-}
-
-async fn connection(
-    shared: Arc<Shared>,
-    addr: SocketAddr,
-    id: u64,
-) -> Result<(Histogram<u64>, Option<String>), String> {
+async fn connection(shared: Arc<Shared>, addr: String, id: u64) -> ConnResult {
     let opts = &shared.opts;
-    let mut conn = Conn::connect(addr).await.map_err(|e| e.to_string())?;
-    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (id + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+    let work = &shared.work;
+    let mut conn = Conn::connect(&addr).await.map_err(|e| e.to_string())?;
+    let mut rng = XorShift::seeded(id);
     let mut hist = new_histogram();
     let mut first_error = None;
-    let mut batch = String::new();
+    let mut batch = Vec::new();
     let mut sent = Vec::with_capacity(opts.pipeline);
+    let err = |e: BenchError| e.to_string();
     loop {
-        if shared.done.load(Ordering::Relaxed) {
-            break;
-        }
-        let want = opts.pipeline as u64;
-        let granted = shared
-            .budget
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some(b.saturating_sub(want))
-            })
-            .unwrap_or(0)
-            .min(want);
+        let granted = shared.grant(opts.pipeline as u64);
         if granted == 0 {
             break;
         }
         batch.clear();
         sent.clear();
         for _ in 0..granted {
-            let bucket = &opts.buckets[(rng.next() % opts.buckets.len() as u64) as usize];
-            let key = format!("k{}", rng.next() % opts.keys);
-            let value = value_for(&key, opts.value_size);
-            if (rng.next() % 100) < u64::from(opts.get_percent) {
-                batch.push_str(&format!("GET {bucket} {key}\r\n"));
-                sent.push(Sent::Get(value));
-            } else {
-                batch.push_str(&format!("PUT {bucket} {key} {value}\r\n"));
-                sent.push(Sent::Put);
-            }
+            let (get, i) = rng.pick(opts, work.values.len());
+            batch.extend_from_slice(if get { &work.gets[i] } else { &work.puts[i] });
+            sent.push((get, i));
         }
         let start = Instant::now();
-        conn.send(batch.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        for request in &sent {
-            let first = conn
-                .read_line()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_owned();
-            let verdict = match request {
-                Sent::Put if first == "OK" => Ok(()),
-                Sent::Put => Err(first),
-                Sent::Get(_) if first.starts_with("ERROR") || first == "NOT FOUND" => Err(first),
-                Sent::Get(value) => {
-                    let second = conn.read_line().await.map_err(|e| e.to_string())?;
-                    if second == "OK" && (first.is_empty() || first == *value) {
-                        Ok(())
-                    } else {
-                        Err(format!(
-                            "GET answered {first:?} then {second:?}, expected {value:?}"
-                        ))
-                    }
-                }
-            };
-            let micros = start.elapsed().as_micros() as u64;
-            let _ = hist.record(micros.max(1));
-            match verdict {
-                Ok(()) => shared.ok.fetch_add(1, Ordering::Relaxed),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                    shared.errors.fetch_add(1, Ordering::Relaxed)
-                }
-            };
+        conn.send(&batch).await.map_err(err)?;
+        for &(get, i) in &sent {
+            let verdict = match opts.target {
+                Target::Redis => check_redis(&mut conn, get.then(|| &work.values[i][..])).await,
+                _ => check_kvmesh(&mut conn, get.then(|| &work.values[i][..])).await,
+            }
+            .map_err(err)?;
+            let _ = hist.record((start.elapsed().as_micros() as u64).max(1));
+            shared.count(verdict, &mut first_error);
         }
+    }
+    Ok((hist, first_error))
+}
+
+/// Reads a kvmesh answer: `OK` for a PUT; the value (or nothing) then `OK` for a GET.
+async fn check_kvmesh(
+    conn: &mut Conn,
+    get: Option<&[u8]>,
+) -> Result<Result<(), String>, BenchError> {
+    let first = conn.line().await?;
+    let show = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Ok(match get {
+        None if &first[..] == b"OK" => Ok(()),
+        None => Err(format!("PUT answered {:?}", show(&first))),
+        Some(_) if first.starts_with(b"ERROR") || &first[..] == b"NOT FOUND" => {
+            Err(format!("GET answered {:?}", show(&first)))
+        }
+        Some(value) => {
+            let second = conn.line().await?;
+            if &second[..] == b"OK" && (first.is_empty() || &first[..] == value) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "GET answered {:?} then {:?}, expected {:?}",
+                    show(&first),
+                    show(&second),
+                    show(value)
+                ))
+            }
+        }
+    })
+}
+
+/// Reads a RESP answer: `+OK` for SET; a bulk string (or nil) for GET.
+async fn check_redis(
+    conn: &mut Conn,
+    get: Option<&[u8]>,
+) -> Result<Result<(), String>, BenchError> {
+    let first = conn.line().await?;
+    let show = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Ok(match get {
+        None if &first[..] == b"+OK" => Ok(()),
+        None => Err(format!("SET answered {:?}", show(&first))),
+        Some(_) if &first[..] == b"$-1" => Ok(()),
+        Some(value) if first.first() == Some(&b'$') => {
+            let body = conn.line().await?;
+            if &body[..] == value {
+                Ok(())
+            } else {
+                Err(format!(
+                    "GET answered {:?}, expected {:?}",
+                    show(&body),
+                    show(value)
+                ))
+            }
+        }
+        Some(_) => Err(format!("GET answered {:?}", show(&first))),
+    })
+}
+
+/// Starts an in-process responder on a fresh subject that answers like a node
+/// would (a GET reply with the value), and returns the client and subject.
+async fn nats_responder(
+    url: &str,
+    opts: &BenchOptions,
+) -> Result<(async_nats::Client, String), BenchError> {
+    use futures_util::StreamExt;
+    let setup = |e: String| BenchError::Setup(format!("NATS {url}: {e}"));
+    let responder = async_nats::connect(url)
+        .await
+        .map_err(|e| setup(e.to_string()))?;
+    let subject = format!(
+        "kvmesh.bench.{}",
+        responder.new_inbox().rsplit('.').next().unwrap_or("x")
+    );
+    let mut requests = responder
+        .subscribe(subject.clone())
+        .await
+        .map_err(|e| setup(e.to_string()))?;
+    let reply: bytes::Bytes = format!(
+        r#"{{"ok":true,"value":"{}"}}"#,
+        value_for("k0", opts.value_size)
+    )
+    .into();
+    tokio::spawn(async move {
+        while let Some(msg) = requests.next().await {
+            if let Some(to) = msg.reply {
+                let _ = responder.publish(to, reply.clone()).await;
+            }
+        }
+    });
+    let client = async_nats::connect(url)
+        .await
+        .map_err(|e| setup(e.to_string()))?;
+    Ok((client, subject))
+}
+
+/// Keeps `pipeline` requests in flight on a shared NATS connection.
+async fn nats_requester(
+    shared: Arc<Shared>,
+    client: async_nats::Client,
+    subject: String,
+    id: u64,
+) -> ConnResult {
+    use futures_util::stream::{FuturesOrdered, StreamExt};
+    let opts = &shared.opts;
+    let work = &shared.work;
+    let mut rng = XorShift::seeded(id);
+    let mut hist = new_histogram();
+    let mut first_error = None;
+    let mut in_flight = FuturesOrdered::new();
+    loop {
+        while in_flight.len() < opts.pipeline && shared.grant(1) == 1 {
+            let (get, i) = rng.pick(opts, work.values.len());
+            let body =
+                bytes::Bytes::copy_from_slice(if get { &work.gets[i] } else { &work.puts[i] });
+            let client = client.clone();
+            let subject = subject.clone();
+            in_flight.push_back(async move {
+                let start = Instant::now();
+                let reply = client.request(subject, body).await;
+                (start.elapsed(), reply)
+            });
+        }
+        let Some((took, reply)) = in_flight.next().await else {
+            break;
+        };
+        let _ = hist.record((took.as_micros() as u64).max(1));
+        let verdict = match reply {
+            Ok(msg) if msg.payload.starts_with(br#"{"ok":true"#) => Ok(()),
+            Ok(msg) => Err(format!("reply {:?}", String::from_utf8_lossy(&msg.payload))),
+            Err(e) => Err(e.to_string()),
+        };
+        shared.count(verdict, &mut first_error);
     }
     Ok((hist, first_error))
 }

@@ -15,28 +15,27 @@ pub const MAX_BUCKET_BYTES: usize = 255;
 pub const MAX_KEY_BYTES: usize = 1024;
 
 /// An operation on one bucket: what the router routes and the registry executes.
+///
+/// `Command<&str>` borrows its words from a request line, so a local command
+/// costs no allocation; `Command<String>` (the default) owns them, to travel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
-pub enum Command {
+pub enum Command<S = String> {
     /// Create a bucket (idempotent).
-    Create { bucket: String },
+    Create { bucket: S },
     /// Store a value under a key.
-    Put {
-        bucket: String,
-        key: String,
-        value: String,
-    },
+    Put { bucket: S, key: S, value: S },
     /// Read the value under a key.
-    Get { bucket: String, key: String },
+    Get { bucket: S, key: S },
     /// Remove a key (a missing key is fine).
-    Delete { bucket: String, key: String },
+    Delete { bucket: S, key: S },
     /// Remove a bucket and all its keys.
-    Drop { bucket: String },
+    Drop { bucket: S },
     /// Name the node that owns the bucket.
-    Where { bucket: String },
+    Where { bucket: S },
 }
 
-impl Command {
+impl<S: AsRef<str>> Command<S> {
     /// The bucket this command is about: what routing looks at.
     pub fn bucket(&self) -> &str {
         match self {
@@ -45,7 +44,38 @@ impl Command {
             | Command::Get { bucket, .. }
             | Command::Delete { bucket, .. }
             | Command::Drop { bucket }
-            | Command::Where { bucket } => bucket,
+            | Command::Where { bucket } => bucket.as_ref(),
+        }
+    }
+
+    /// The same command, borrowing its words.
+    pub fn borrowed(&self) -> Command<&str> {
+        self.map(|s| s.as_ref())
+    }
+
+    /// The same command, owning its words.
+    pub fn owned(&self) -> Command<String> {
+        self.map(|s| s.as_ref().to_owned())
+    }
+
+    fn map<'a, T>(&'a self, f: impl Fn(&'a S) -> T) -> Command<T> {
+        match self {
+            Command::Create { bucket } => Command::Create { bucket: f(bucket) },
+            Command::Put { bucket, key, value } => Command::Put {
+                bucket: f(bucket),
+                key: f(key),
+                value: f(value),
+            },
+            Command::Get { bucket, key } => Command::Get {
+                bucket: f(bucket),
+                key: f(key),
+            },
+            Command::Delete { bucket, key } => Command::Delete {
+                bucket: f(bucket),
+                key: f(key),
+            },
+            Command::Drop { bucket } => Command::Drop { bucket: f(bucket) },
+            Command::Where { bucket } => Command::Where { bucket: f(bucket) },
         }
     }
 
@@ -84,7 +114,7 @@ impl Limits {
     /// Checks names and value against the rules of SPEC.md section 1: non-empty,
     /// no ASCII whitespace (so nothing stored can break a TCP answer into lines),
     /// and the size limits. A TCP word already has no whitespace; a JSON string may.
-    pub fn validate(&self, command: &Command) -> Result<(), KvError> {
+    pub fn validate<S: AsRef<str>>(&self, command: &Command<S>) -> Result<(), KvError> {
         check_word(
             "bucket name",
             command.bucket(),
@@ -93,11 +123,11 @@ impl Limits {
         )?;
         match command {
             Command::Put { key, value, .. } => {
-                check_word("key", key, MAX_KEY_BYTES, "too long")?;
-                check_word("value", value, self.max_value_bytes, "too large")
+                check_word("key", key.as_ref(), MAX_KEY_BYTES, "too long")?;
+                check_word("value", value.as_ref(), self.max_value_bytes, "too large")
             }
             Command::Get { key, .. } | Command::Delete { key, .. } => {
-                check_word("key", key, MAX_KEY_BYTES, "too long")
+                check_word("key", key.as_ref(), MAX_KEY_BYTES, "too long")
             }
             Command::Create { .. } | Command::Drop { .. } | Command::Where { .. } => Ok(()),
         }

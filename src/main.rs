@@ -73,9 +73,14 @@ enum Cmd {
 
 #[derive(Debug, clap::Args)]
 struct BenchArgs {
-    /// Node address; repeat to spread connections over several nodes.
+    /// What to drive: kvmesh nodes, Redis (over RESP, for comparison), or a bare
+    /// NATS request/reply responder run by the benchmark (the floor of a routed request).
+    #[arg(long, value_enum, default_value_t = BenchTarget::Kvmesh)]
+    target: BenchTarget,
+    /// Address (host:port; a NATS URL for --target nats); repeat to spread
+    /// connections over several nodes.
     #[arg(long = "addr", default_value = "127.0.0.1:4040")]
-    addrs: Vec<std::net::SocketAddr>,
+    addrs: Vec<String>,
     /// Connections.
     #[arg(long, default_value_t = 50)]
     conns: usize,
@@ -106,6 +111,13 @@ struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BenchTarget {
+    Kvmesh,
+    Redis,
+    Nats,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -204,6 +216,11 @@ fn bench(args: BenchArgs) -> ExitCode {
         other => other.and_then(Result::ok),
     };
     let opts = kvmesh::bench::BenchOptions {
+        target: match args.target {
+            BenchTarget::Kvmesh => kvmesh::bench::Target::Kvmesh,
+            BenchTarget::Redis => kvmesh::bench::Target::Redis,
+            BenchTarget::Nats => kvmesh::bench::Target::Nats,
+        },
         addrs: args.addrs,
         conns: args.conns,
         pipeline: args.pipeline.max(1),

@@ -266,6 +266,19 @@ impl Mesh {
         Ok(RemoteReply { pending, command })
     }
 
+    /// Publishes several commands to `owner` in one message; see [`Mesh::send`].
+    pub async fn send_batch(
+        &self,
+        owner: &str,
+        commands: Vec<Command>,
+        hops: u32,
+    ) -> Result<RemoteBatch, KvError> {
+        let span = debug_span!("forward_batch", node = owner, size = commands.len(), hops);
+        let body = wire::encode_batch(&commands);
+        let pending = self.publish(owner, body, hops).instrument(span).await?;
+        Ok(RemoteBatch { pending, commands })
+    }
+
     async fn publish(
         &self,
         owner: &str,
@@ -356,7 +369,8 @@ impl Mesh {
                 // Started here, in arrival order, so that requests take effect in
                 // the order they were sent; only waiting for a forwarded answer
                 // happens in a task of its own.
-                match start(&request.message, &*handler, &limits).await {
+                let max_payload = client.max_payload();
+                match start(&request.message, &*handler, &limits, max_payload).await {
                     Answer::Ready(body) => respond(&client, &request, body).await,
                     Answer::Later(answer) => {
                         let client = client.clone();
@@ -425,6 +439,30 @@ impl RemoteReply {
     }
 }
 
+/// A batch on its way: the answers to wait for, one per command.
+pub struct RemoteBatch {
+    pending: PendingReply,
+    commands: Vec<Command>,
+}
+
+impl RemoteBatch {
+    /// Waits for the answers; a failure of the whole exchange is every
+    /// command's answer.
+    pub async fn wait(self) -> Vec<Result<Reply, KvError>> {
+        let owner = self.pending.owner.clone();
+        match self.pending.wait().await {
+            Ok(message) => wire::decode_batch_reply(&self.commands, &message.payload)
+                .unwrap_or_else(|BadReply| {
+                    self.commands
+                        .iter()
+                        .map(|_| Err(bad_reply(&owner)))
+                        .collect()
+                }),
+            Err(err) => self.commands.iter().map(|_| Err(err.clone())).collect(),
+        }
+    }
+}
+
 /// A published request's reply slot; dropping it forgets the request.
 struct PendingReply {
     inner: Arc<Inner>,
@@ -485,7 +523,12 @@ enum Answer {
 }
 
 /// Decodes one NATS message and starts what it asks for.
-async fn start<H: Handler>(message: &Message, handler: &H, limits: &Limits) -> Answer {
+async fn start<H: Handler>(
+    message: &Message,
+    handler: &H,
+    limits: &Limits,
+    max_payload: usize,
+) -> Answer {
     let hops = match wire::parse_hops(hops_header(message.headers.as_ref())) {
         Ok(hops) => hops,
         Err(err) => return Answer::Ready(wire::encode_reply(&Err(err))),
@@ -513,7 +556,7 @@ async fn start<H: Handler>(message: &Message, handler: &H, limits: &Limits) -> A
                 for s in started {
                     results.push(s.finish().await);
                 }
-                wire::encode_batch_reply(&results)
+                wire::encode_batch_reply_within(&mut results, max_payload)
             }))
         }
         Err(err) => Answer::Ready(wire::encode_reply(&Err(err))),

@@ -9,15 +9,15 @@ use bytes::{BufMut, BytesMut};
 use crate::command::{Command, Limits, Reply};
 use crate::error::{ErrorCode, KvError};
 
-/// One parsed request line.
+/// One parsed request line, borrowing its words from the line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Request {
+pub enum Request<'a> {
     /// `PING`
     Ping,
     /// `QUIT`
     Quit,
     /// A bucket operation, to be routed.
-    Op(Command),
+    Op(Command<&'a str>),
 }
 
 /// Why a line could not become a request; each has its own response line.
@@ -41,7 +41,7 @@ pub const BYE: &[u8] = b"BYE\r\n";
 pub const TOO_MANY_CONNECTIONS: &[u8] = b"ERROR too many connections\r\n";
 
 /// Parses one line (its terminator already removed; a trailing `\r` is whitespace).
-pub fn parse(line: &[u8], limits: &Limits) -> Result<Request, LineError> {
+pub fn parse<'a>(line: &'a [u8], limits: &Limits) -> Result<Request<'a>, LineError> {
     let text = std::str::from_utf8(line).map_err(|_| LineError::InvalidUtf8)?;
     let mut words = text.split_ascii_whitespace();
     let verb = words.next().ok_or(LineError::UnknownCommand)?;
@@ -54,42 +54,39 @@ pub fn parse(line: &[u8], limits: &Limits) -> Result<Request, LineError> {
         args[count] = word;
         count += 1;
     }
-    let owned = |i: usize| args[i].to_owned();
+    let [a, b, c] = args;
     let command = match (verb, count) {
         ("PING", 0) => return Ok(Request::Ping),
         ("QUIT", 0) => return Ok(Request::Quit),
-        ("CREATE", 1) => Command::Create { bucket: owned(0) },
+        ("CREATE", 1) => Command::Create { bucket: a },
         ("PUT", 3) => Command::Put {
-            bucket: owned(0),
-            key: owned(1),
-            value: owned(2),
+            bucket: a,
+            key: b,
+            value: c,
         },
-        ("GET", 2) => Command::Get {
-            bucket: owned(0),
-            key: owned(1),
-        },
-        ("DELETE", 2) => Command::Delete {
-            bucket: owned(0),
-            key: owned(1),
-        },
-        ("DROP", 1) => Command::Drop { bucket: owned(0) },
-        ("WHERE", 1) => Command::Where { bucket: owned(0) },
+        ("GET", 2) => Command::Get { bucket: a, key: b },
+        ("DELETE", 2) => Command::Delete { bucket: a, key: b },
+        ("DROP", 1) => Command::Drop { bucket: a },
+        ("WHERE", 1) => Command::Where { bucket: a },
         _ => return Err(LineError::UnknownCommand),
     };
     limits.validate(&command).map_err(LineError::Invalid)?;
     Ok(Request::Op(command))
 }
 
+/// Appends the answer to a GET: the value (or an empty line), then `OK`.
+pub fn write_value(out: &mut BytesMut, value: Option<&[u8]>) {
+    if let Some(value) = value {
+        out.put_slice(value);
+    }
+    out.put_slice(b"\r\nOK\r\n");
+}
+
 /// Appends the response to a routed command's result.
 pub fn write_result(out: &mut BytesMut, result: &Result<Reply, KvError>) {
     match result {
         Ok(Reply::Ok) => out.put_slice(b"OK\r\n"),
-        Ok(Reply::Value(value)) => {
-            if let Some(value) = value {
-                out.put_slice(value.as_bytes());
-            }
-            out.put_slice(b"\r\nOK\r\n");
-        }
+        Ok(Reply::Value(value)) => write_value(out, value.as_deref().map(str::as_bytes)),
         Ok(Reply::Node(node)) => {
             out.put_slice(node.as_bytes());
             out.put_slice(b"\r\nOK\r\n");
@@ -128,7 +125,7 @@ mod tests {
 
     fn op(line: &str) -> Command {
         match parse(line.as_bytes(), &LIMITS) {
-            Ok(Request::Op(cmd)) => cmd,
+            Ok(Request::Op(cmd)) => cmd.owned(),
             other => panic!("{line:?} parsed as {other:?}"),
         }
     }

@@ -2,26 +2,123 @@
 //!
 //! [`Registry`] is a cheap-to-clone handle over shared state. Locks here are
 //! synchronous (`parking_lot`) and never held across an `.await`: every operation
-//! is a short in-memory step, so an async lock would only add overhead. Two levels
-//! of locking keep unrelated work apart: the bucket map is read-locked to find a
-//! bucket (writers only for CREATE and DROP), and each bucket has its own
-//! read-write lock, so reads of different buckets never wait on each other and
-//! every operation on one bucket is atomic.
+//! is a short in-memory step, so an async lock would only add overhead.
+//!
+//! Layout, chosen for memory and for cores that do not wait on each other:
+//! - the bucket map is read-locked to find a bucket (written only by CREATE and
+//!   DROP);
+//! - a bucket is split into [`SHARDS`] shards by key hash, each with its own
+//!   read-write lock, so operations on different keys rarely meet, reads never
+//!   block reads, and every operation on one key is atomic;
+//! - an entry is one heap block, `key ␠ value`: a key never holds whitespace, so
+//!   the first space splits it, and a small entry costs one allocation of its
+//!   own size (a million 7-byte keys with 16-byte values fit in 32-byte blocks)
+//!   plus a 16-byte slot in an open-addressing table (`hashbrown`, `foldhash`).
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use hashbrown::{DefaultHashBuilder, HashTable};
 use parking_lot::RwLock;
 
 use crate::command::{Command, Reply};
 use crate::error::KvError;
 
-type Bucket = RwLock<HashMap<Box<str>, Box<str>>>;
+/// Shards per bucket: a power of two.
+pub const SHARDS: usize = 16;
+
+/// One stored pair, `key ␠ value`, in a single allocation.
+struct Entry(Box<[u8]>);
+
+impl Entry {
+    fn new(key: &str, value: &str) -> Self {
+        let mut bytes = Vec::with_capacity(key.len() + 1 + value.len());
+        bytes.extend_from_slice(key.as_bytes());
+        bytes.push(b' ');
+        bytes.extend_from_slice(value.as_bytes());
+        Entry(bytes.into_boxed_slice())
+    }
+
+    fn split(&self) -> (&[u8], &[u8]) {
+        let at = memchr::memchr(b' ', &self.0).unwrap_or(self.0.len());
+        let (key, rest) = self.0.split_at(at);
+        (key, rest.get(1..).unwrap_or_default())
+    }
+
+    fn key(&self) -> &[u8] {
+        self.split().0
+    }
+
+    fn value(&self) -> &[u8] {
+        self.split().1
+    }
+}
+
+/// A bucket: its keys spread over shards.
+struct Bucket {
+    hasher: DefaultHashBuilder,
+    shards: [RwLock<HashTable<Entry>>; SHARDS],
+}
+
+impl Bucket {
+    fn new() -> Self {
+        Self {
+            hasher: DefaultHashBuilder::default(),
+            shards: std::array::from_fn(|_| RwLock::new(HashTable::new())),
+        }
+    }
+
+    /// The key's hash and its shard (from the hash's top bits; the table uses
+    /// the low ones).
+    fn locate(&self, key: &[u8]) -> (u64, &RwLock<HashTable<Entry>>) {
+        let hash = self.hasher.hash_one(key);
+        let shard = (hash >> (64 - SHARDS.trailing_zeros())) as usize;
+        (hash, &self.shards[shard])
+    }
+
+    fn get<R>(&self, key: &str, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+        let key = key.as_bytes();
+        let (hash, shard) = self.locate(key);
+        let table = shard.read();
+        f(table.find(hash, |e| e.key() == key).map(Entry::value))
+    }
+
+    fn put(&self, key: &str, value: &str) {
+        let (hash, shard) = self.locate(key.as_bytes());
+        let entry = Entry::new(key, value);
+        let hasher = &self.hasher;
+        let mut table = shard.write();
+        match table.entry(
+            hash,
+            |e| e.key() == key.as_bytes(),
+            |e| hasher.hash_one(e.key()),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(mut old) => *old.get_mut() = entry,
+            hashbrown::hash_table::Entry::Vacant(slot) => {
+                slot.insert(entry);
+            }
+        }
+    }
+
+    fn delete(&self, key: &str) {
+        let key = key.as_bytes();
+        let (hash, shard) = self.locate(key);
+        let mut table = shard.write();
+        if let Ok(found) = table.find_entry(hash, |e| e.key() == key) {
+            found.remove();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+}
 
 /// A handle to this node's buckets.
 #[derive(Clone, Default)]
 pub struct Registry {
-    buckets: Arc<RwLock<HashMap<Box<str>, Bucket>>>,
+    buckets: Arc<RwLock<HashMap<Box<str>, Bucket, DefaultHashBuilder>>>,
 }
 
 impl Registry {
@@ -33,35 +130,47 @@ impl Registry {
     /// Executes a command on this node's buckets.
     ///
     /// `WHERE` is answered by the router, not here; it reports an internal error.
-    pub fn apply(&self, command: Command) -> Result<Reply, KvError> {
+    pub fn apply(&self, command: Command<&str>) -> Result<Reply, KvError> {
         match command {
             Command::Create { bucket } => {
-                if !self.buckets.read().contains_key(bucket.as_str()) {
+                if !self.buckets.read().contains_key(bucket) {
                     self.buckets
                         .write()
-                        .entry(bucket.into_boxed_str())
-                        .or_default();
+                        .entry(bucket.into())
+                        .or_insert_with(Bucket::new);
                 }
                 Ok(Reply::Ok)
             }
-            Command::Put { bucket, key, value } => self.with_bucket(&bucket, |b| {
-                b.write()
-                    .insert(key.into_boxed_str(), value.into_boxed_str());
+            Command::Put { bucket, key, value } => self.with_bucket(bucket, |b| {
+                b.put(key, value);
                 Reply::Ok
             }),
-            Command::Get { bucket, key } => self.with_bucket(&bucket, |b| {
-                Reply::Value(b.read().get(key.as_str()).map(|v| v.to_string()))
+            Command::Get { bucket, key } => self.get(bucket, key, |v| {
+                // Values are stored from valid UTF-8 words, so this never replaces.
+                Reply::Value(v.map(|v| String::from_utf8_lossy(v).into_owned()))
             }),
-            Command::Delete { bucket, key } => self.with_bucket(&bucket, |b| {
-                b.write().remove(key.as_str());
+            Command::Delete { bucket, key } => self.with_bucket(bucket, |b| {
+                b.delete(key);
                 Reply::Ok
             }),
-            Command::Drop { bucket } => match self.buckets.write().remove(bucket.as_str()) {
+            Command::Drop { bucket } => match self.buckets.write().remove(bucket) {
                 Some(_) => Ok(Reply::Ok),
-                None => Err(KvError::not_found(&bucket)),
+                None => Err(KvError::not_found(bucket)),
             },
             Command::Where { .. } => Err(KvError::internal("WHERE reached the registry")),
         }
+    }
+
+    /// Reads a value in place: `f` sees it (or `None` for a missing key) under
+    /// the shard's read lock, so answering a GET copies it only once, into the
+    /// answer.
+    pub fn get<R>(
+        &self,
+        bucket: &str,
+        key: &str,
+        f: impl FnOnce(Option<&[u8]>) -> R,
+    ) -> Result<R, KvError> {
+        self.with_bucket(bucket, |b| b.get(key, f))
     }
 
     /// How many buckets this node holds.
@@ -69,7 +178,12 @@ impl Registry {
         self.buckets.read().len()
     }
 
-    fn with_bucket(&self, name: &str, op: impl FnOnce(&Bucket) -> Reply) -> Result<Reply, KvError> {
+    /// How many keys a bucket holds.
+    pub fn key_count(&self, bucket: &str) -> Result<usize, KvError> {
+        self.with_bucket(bucket, Bucket::len)
+    }
+
+    fn with_bucket<R>(&self, name: &str, op: impl FnOnce(&Bucket) -> R) -> Result<R, KvError> {
         match self.buckets.read().get(name) {
             Some(bucket) => Ok(op(bucket)),
             None => Err(KvError::not_found(name)),
@@ -82,25 +196,24 @@ mod tests {
     use super::*;
     use crate::error::ErrorCode;
 
-    fn cmd(line: &str) -> Command {
-        let words: Vec<String> = line.split(' ').map(str::to_owned).collect();
-        let w = |i: usize| words[i].clone();
-        match words[0].as_str() {
-            "CREATE" => Command::Create { bucket: w(1) },
+    fn cmd(line: &str) -> Command<&str> {
+        let w: Vec<&str> = line.split(' ').collect();
+        match w[0] {
+            "CREATE" => Command::Create { bucket: w[1] },
             "PUT" => Command::Put {
-                bucket: w(1),
-                key: w(2),
-                value: w(3),
+                bucket: w[1],
+                key: w[2],
+                value: w[3],
             },
             "GET" => Command::Get {
-                bucket: w(1),
-                key: w(2),
+                bucket: w[1],
+                key: w[2],
             },
             "DELETE" => Command::Delete {
-                bucket: w(1),
-                key: w(2),
+                bucket: w[1],
+                key: w[2],
             },
-            "DROP" => Command::Drop { bucket: w(1) },
+            "DROP" => Command::Drop { bucket: w[1] },
             other => panic!("{other}"),
         }
     }
@@ -137,6 +250,80 @@ mod tests {
     }
 
     #[test]
+    fn keys_that_share_prefixes_stay_apart() {
+        let reg = Registry::new();
+        reg.apply(cmd("CREATE b")).unwrap();
+        for (k, v) in [
+            ("k", "1"),
+            ("k1", "2"),
+            ("k10", "3"),
+            ("é", "ü"),
+            ("a\u{0}b", "x"),
+        ] {
+            reg.apply(Command::Put {
+                bucket: "b",
+                key: k,
+                value: v,
+            })
+            .unwrap();
+        }
+        for (k, v) in [
+            ("k", "1"),
+            ("k1", "2"),
+            ("k10", "3"),
+            ("é", "ü"),
+            ("a\u{0}b", "x"),
+        ] {
+            assert_eq!(
+                reg.apply(Command::Get {
+                    bucket: "b",
+                    key: k
+                }),
+                Ok(Reply::Value(Some(v.into())))
+            );
+        }
+        assert_eq!(reg.key_count("b"), Ok(5));
+        reg.apply(cmd("DELETE b k1")).unwrap();
+        assert_eq!(reg.apply(cmd("GET b k1")), Ok(Reply::Value(None)));
+        assert_eq!(
+            reg.apply(cmd("GET b k10")),
+            Ok(Reply::Value(Some("3".into())))
+        );
+        assert_eq!(reg.key_count("b"), Ok(4));
+    }
+
+    #[test]
+    fn many_keys_grow_and_shrink_every_shard() {
+        let reg = Registry::new();
+        reg.apply(cmd("CREATE big")).unwrap();
+        let keys: Vec<String> = (0..20_000).map(|i| format!("key{i}")).collect();
+        for (i, k) in keys.iter().enumerate() {
+            let v = format!("v{i}");
+            reg.apply(Command::Put {
+                bucket: "big",
+                key: k,
+                value: &v,
+            })
+            .unwrap();
+        }
+        assert_eq!(reg.key_count("big"), Ok(20_000));
+        for (i, k) in keys.iter().enumerate().step_by(7) {
+            let got = reg.get("big", k, |v| v.map(<[u8]>::to_vec)).unwrap();
+            assert_eq!(got, Some(format!("v{i}").into_bytes()));
+        }
+        for k in keys.iter().step_by(2) {
+            reg.apply(Command::Delete {
+                bucket: "big",
+                key: k,
+            })
+            .unwrap();
+        }
+        assert_eq!(reg.key_count("big"), Ok(10_000));
+        assert_eq!(reg.get("big", "key1", |v| v.is_some()), Ok(true));
+        assert_eq!(reg.get("big", "key2", |v| v.is_some()), Ok(false));
+    }
+
+    #[test]
     fn concurrent_writers_lose_nothing() {
         let reg = Registry::new();
         reg.apply(cmd("CREATE shared")).unwrap();
@@ -145,7 +332,13 @@ mod tests {
                 let reg = reg.clone();
                 std::thread::spawn(move || {
                     for i in 0..1000 {
-                        reg.apply(cmd(&format!("PUT shared k{t}-{i} {i}"))).unwrap();
+                        let (k, v) = (format!("k{t}-{i}"), i.to_string());
+                        reg.apply(Command::Put {
+                            bucket: "shared",
+                            key: &k,
+                            value: &v,
+                        })
+                        .unwrap();
                     }
                 })
             })
@@ -155,9 +348,16 @@ mod tests {
         }
         for t in 0..8 {
             for i in (0..1000).step_by(97) {
-                let got = reg.apply(cmd(&format!("GET shared k{t}-{i}"))).unwrap();
+                let k = format!("k{t}-{i}");
+                let got = reg
+                    .apply(Command::Get {
+                        bucket: "shared",
+                        key: &k,
+                    })
+                    .unwrap();
                 assert_eq!(got, Reply::Value(Some(i.to_string())));
             }
         }
+        assert_eq!(reg.key_count("shared"), Ok(8000));
     }
 }

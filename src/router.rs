@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 use crate::command::{Command, Reply, valid_node_name};
 use crate::error::KvError;
-use crate::mesh::{Handler, Mesh, Started};
+use bytes::BytesMut;
+
+use crate::mesh::{Handler, Mesh, RemoteBatch, RemoteReply, Started};
+use crate::protocol;
 use crate::registry::Registry;
 
 /// An inclusive range of first bytes: `a-m`, `x`, or `*` (every byte).
@@ -223,7 +226,11 @@ impl Router {
     /// The hop limit exists because tables may differ from node to node: two
     /// nodes that each think the other owns a bucket would otherwise bounce a
     /// request between them forever.
-    pub fn target(&self, command: &Command, hops: u32) -> Result<Target<'_>, KvError> {
+    pub fn target<S: AsRef<str>>(
+        &self,
+        command: &Command<S>,
+        hops: u32,
+    ) -> Result<Target<'_>, KvError> {
         let bucket = command.bucket();
         match self.table.owner_of(bucket) {
             None => Err(KvError::no_route(bucket)),
@@ -234,10 +241,26 @@ impl Router {
     }
 
     /// Runs a command that [`Router::target`] placed on this node.
-    pub fn execute_local(&self, command: Command) -> Result<Reply, KvError> {
+    pub fn execute_local(&self, command: Command<&str>) -> Result<Reply, KvError> {
         match command {
             Command::Where { .. } => Ok(Reply::Node(self.node.to_string())),
             other => self.registry.apply(other),
+        }
+    }
+
+    /// Runs a local command and appends its TCP answer to `out`; a GET's value
+    /// goes from the registry straight into the answer.
+    pub fn answer_local(&self, command: Command<&str>, out: &mut BytesMut) {
+        match command {
+            Command::Get { bucket, key } => {
+                if let Err(err) = self
+                    .registry
+                    .get(bucket, key, |value| protocol::write_value(out, value))
+                {
+                    protocol::write_result(out, &Err(err));
+                }
+            }
+            other => protocol::write_result(out, &self.execute_local(other)),
         }
     }
 
@@ -246,7 +269,7 @@ impl Router {
     /// answer. Commands started one after the other take effect in that order.
     pub async fn start(&self, command: Command, hops: u32) -> Started {
         match self.target(&command, hops) {
-            Ok(Target::Local) => Started::Done(self.execute_local(command)),
+            Ok(Target::Local) => Started::Done(self.execute_local(command.borrowed())),
             Ok(Target::Remote(owner)) => match &self.mesh {
                 Some(mesh) => match mesh.send(owner, command, hops + 1).await {
                     Ok(remote) => Started::Forwarded(remote),
@@ -255,6 +278,33 @@ impl Router {
                 None => Started::Done(Err(KvError::mesh_unavailable())),
             },
             Err(err) => Started::Done(Err(err)),
+        }
+    }
+
+    /// Publishes several commands for `owner` in one message (see
+    /// [`Router::start`]); the answers come back together, one per command.
+    pub async fn send_batch(
+        &self,
+        owner: &str,
+        commands: Vec<Command>,
+        hops: u32,
+    ) -> Result<RemoteBatch, KvError> {
+        match &self.mesh {
+            Some(mesh) => mesh.send_batch(owner, commands, hops + 1).await,
+            None => Err(KvError::mesh_unavailable()),
+        }
+    }
+
+    /// Publishes one command to `owner` without waiting for the answer.
+    pub async fn send(
+        &self,
+        owner: &str,
+        command: Command,
+        hops: u32,
+    ) -> Result<RemoteReply, KvError> {
+        match &self.mesh {
+            Some(mesh) => mesh.send(owner, command, hops + 1).await,
+            None => Err(KvError::mesh_unavailable()),
         }
     }
 
@@ -391,9 +441,9 @@ mod tests {
     #[test]
     fn target_counts_hops() {
         let r = router(table(&[("a-m", "foo"), ("n-z", "bar")]).unwrap());
-        let get = |b: &str| Command::Get {
-            bucket: b.into(),
-            key: "k".into(),
+        let get = |b: &'static str| Command::Get {
+            bucket: b,
+            key: "k",
         };
         assert_eq!(r.target(&get("apple"), 0), Ok(Target::Local));
         assert_eq!(r.target(&get("apple"), 99), Ok(Target::Local));

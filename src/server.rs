@@ -2,9 +2,10 @@
 //! pipelined answers written back in request order.
 //!
 //! Each connection runs two halves in one task. The reader frames lines, parses
-//! them and runs local commands at once, appending their answers to a chunk; a
-//! command for another node is published at once, in request order, so that
-//! pipelined remote requests travel side by side. The writer takes chunks and remote answers from
+//! them and runs local commands at once, appending their answers to a chunk;
+//! commands for other nodes are gathered per owner and published at the end of
+//! the read, several in one NATS message when a client pipelines, so that
+//! pipelined remote requests travel side by side and cost one round trip. The writer takes chunks and remote answers from
 //! a bounded queue in request order and flushes only when the queue is empty, so
 //! a pipelined burst costs few system calls. The queue's bound is the
 //! backpressure: a client that never reads stops being read.
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 use futures_util::FutureExt;
+use futures_util::future::Shared;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -25,11 +27,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::command::{Limits, Reply};
+use crate::command::{Command, Limits, Reply};
 use crate::error::KvError;
-use crate::mesh::Started;
+
 use crate::protocol::{self, LineError, Request};
-use crate::router::Router;
+use crate::router::{Router, Target};
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -105,14 +107,113 @@ async fn refuse(mut stream: TcpStream) {
     .await;
 }
 
+/// The answers of a batch of commands forwarded together, shared by the
+/// queue items that read them.
+type BatchAnswers = Shared<Pin<Box<dyn Future<Output = Arc<Vec<Result<Reply, KvError>>>> + Send>>>;
+
 /// One item of a connection's answer queue, in request order.
 enum Pending {
     /// Answers already formatted.
     Ready(BytesMut),
-    /// The answer of a command forwarded to another node.
-    Remote(Pin<Box<dyn Future<Output = Result<Reply, KvError>> + Send>>),
+    /// The answer of a command forwarded to another node: item `index` of a batch.
+    Remote(BatchAnswers, usize),
     /// `QUIT`: say goodbye and close.
     Close,
+}
+
+/// Most commands forwarded to one node in one message.
+const MAX_BATCH: usize = 64;
+
+/// What one read's worth of requests produced, before it goes to the writer:
+/// local answers, and remote commands grouped by owner. Requests for one owner
+/// keep their order inside its batch, and batches are published in the order
+/// they began, so every request still takes effect after the one before it on
+/// the same node.
+struct Chunk {
+    out: BytesMut,
+    items: Vec<ChunkItem>,
+    batches: Vec<(String, Vec<Command>)>,
+}
+
+enum ChunkItem {
+    Ready(BytesMut),
+    Remote { batch: usize, index: usize },
+}
+
+impl Chunk {
+    fn new() -> Self {
+        Self {
+            out: BytesMut::new(),
+            items: Vec::new(),
+            batches: Vec::new(),
+        }
+    }
+
+    /// Adds a command for another node; true when its batch is full.
+    fn forward(&mut self, owner: &str, command: Command) -> bool {
+        if !self.out.is_empty() {
+            self.items.push(ChunkItem::Ready(self.out.split()));
+        }
+        let batch = match self.batches.iter().position(|(o, _)| o == owner) {
+            Some(b) => b,
+            None => {
+                self.batches.push((owner.to_owned(), Vec::new()));
+                self.batches.len() - 1
+            }
+        };
+        let commands = &mut self.batches[batch].1;
+        commands.push(command);
+        self.items.push(ChunkItem::Remote {
+            batch,
+            index: commands.len() - 1,
+        });
+        commands.len() >= MAX_BATCH
+    }
+
+    /// Publishes the batches and hands everything to the writer, in order.
+    async fn flush(&mut self, router: &Router, tx: &mpsc::Sender<Pending>) -> io::Result<()> {
+        let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "writer stopped");
+        let mut answers = Vec::with_capacity(self.batches.len());
+        for (owner, commands) in self.batches.drain(..) {
+            answers.push(publish(router, &owner, commands).await);
+        }
+        for item in self.items.drain(..) {
+            let pending = match item {
+                ChunkItem::Ready(bytes) => Pending::Ready(bytes),
+                ChunkItem::Remote { batch, index } => {
+                    Pending::Remote(answers[batch].clone(), index)
+                }
+            };
+            tx.send(pending).await.map_err(|_| closed())?;
+        }
+        if !self.out.is_empty() {
+            tx.send(Pending::Ready(self.out.split()))
+                .await
+                .map_err(|_| closed())?;
+        }
+        Ok(())
+    }
+}
+
+/// Publishes one owner's commands (one message, a batch when there are several)
+/// and returns their answers to come.
+async fn publish(router: &Router, owner: &str, mut commands: Vec<Command>) -> BatchAnswers {
+    let n = commands.len();
+    let answers: Pin<Box<dyn Future<Output = _> + Send>> = if n == 1 {
+        let command = commands.pop().unwrap_or(Command::Where {
+            bucket: String::new(),
+        });
+        match router.send(owner, command, 0).await {
+            Ok(remote) => Box::pin(async move { Arc::new(vec![remote.wait().await]) }),
+            Err(err) => Box::pin(std::future::ready(Arc::new(vec![Err(err)]))),
+        }
+    } else {
+        match router.send_batch(owner, commands, 0).await {
+            Ok(remote) => Box::pin(async move { Arc::new(remote.wait().await) }),
+            Err(err) => Box::pin(std::future::ready(Arc::new(vec![Err(err); n]))),
+        }
+    };
+    answers.shared()
 }
 
 async fn serve(
@@ -157,7 +258,7 @@ async fn read_requests(
     let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "writer stopped");
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut framer = Framer::new(limits.max_line_bytes);
-    let mut out = BytesMut::new();
+    let mut chunk = Chunk::new();
     loop {
         buf.reserve(READ_CHUNK);
         let n = tokio::select! {
@@ -176,49 +277,30 @@ async fn read_requests(
             let line = match frame {
                 Frame::Line(line) => line,
                 Frame::TooLong => {
-                    protocol::write_line_error(&mut out, &LineError::TooLong);
+                    protocol::write_line_error(&mut chunk.out, &LineError::TooLong);
                     continue;
                 }
             };
+            let mut full = false;
             match protocol::parse(&line, &limits.limits) {
-                Ok(Request::Ping) => out.put_slice(protocol::PONG),
+                Ok(Request::Ping) => chunk.out.put_slice(protocol::PONG),
                 Ok(Request::Quit) => {
-                    if !out.is_empty() {
-                        tx.send(Pending::Ready(out.split()))
-                            .await
-                            .map_err(|_| closed())?;
-                    }
+                    chunk.flush(router, &tx).await?;
                     tx.send(Pending::Close).await.map_err(|_| closed())?;
                     return Ok(());
                 }
-                Ok(Request::Op(command)) => match router.start(command, 0).await {
-                    Started::Done(result) => protocol::write_result(&mut out, &result),
-                    // Published in request order; the writer waits for the
-                    // answers in that order while later requests go out.
-                    Started::Forwarded(remote) => {
-                        if !out.is_empty() {
-                            tx.send(Pending::Ready(out.split()))
-                                .await
-                                .map_err(|_| closed())?;
-                        }
-                        tx.send(Pending::Remote(Box::pin(remote.wait())))
-                            .await
-                            .map_err(|_| closed())?;
-                    }
+                Ok(Request::Op(command)) => match router.target(&command, 0) {
+                    Ok(Target::Local) => router.answer_local(command, &mut chunk.out),
+                    Ok(Target::Remote(owner)) => full = chunk.forward(owner, command.owned()),
+                    Err(err) => protocol::write_result(&mut chunk.out, &Err(err)),
                 },
-                Err(err) => protocol::write_line_error(&mut out, &err),
+                Err(err) => protocol::write_line_error(&mut chunk.out, &err),
             }
-            if out.len() >= CHUNK_BYTES {
-                tx.send(Pending::Ready(out.split()))
-                    .await
-                    .map_err(|_| closed())?;
+            if full || chunk.out.len() >= CHUNK_BYTES {
+                chunk.flush(router, &tx).await?;
             }
         }
-        if !out.is_empty() {
-            tx.send(Pending::Ready(out.split()))
-                .await
-                .map_err(|_| closed())?;
-        }
+        chunk.flush(router, &tx).await?;
         if at_eof {
             return Ok(());
         }
@@ -254,19 +336,20 @@ async fn write_answers(
                     out.extend_from_slice(&chunk);
                 }
             }
-            Pending::Remote(mut answer) => {
-                let result = match (&mut answer).now_or_never() {
-                    Some(result) => result,
+            Pending::Remote(mut answers, index) => {
+                let answers = match (&mut answers).now_or_never() {
+                    Some(answers) => answers,
                     None => {
                         // Do not hold finished answers back while waiting for a slow node.
                         if !out.is_empty() {
                             wr.write_all(&out).await?;
                             out.clear();
                         }
-                        answer.await
+                        answers.await
                     }
                 };
-                protocol::write_result(&mut out, &result);
+                let missing = Err(KvError::internal("no answer in batch"));
+                protocol::write_result(&mut out, answers.get(index).unwrap_or(&missing));
             }
             Pending::Close => {
                 out.put_slice(protocol::BYE);

@@ -158,6 +158,32 @@ pub fn encode_batch_reply(results: &[Result<Reply, KvError>]) -> Vec<u8> {
     serde_json::to_vec(&reply).unwrap_or_default()
 }
 
+/// Encodes a batch reply that fits in `max` bytes: while it does not, the
+/// largest value is replaced by a `reply too large for NATS` error, so each
+/// other member still gets its own answer.
+pub fn encode_batch_reply_within(results: &mut [Result<Reply, KvError>], max: usize) -> Vec<u8> {
+    loop {
+        let body = encode_batch_reply(results);
+        if body.len() <= max {
+            return body;
+        }
+        let largest = results
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| match r {
+                Ok(Reply::Value(Some(v))) => Some((v.len(), i)),
+                _ => None,
+            })
+            .max();
+        match largest {
+            Some((_, i)) => results[i] = Err(KvError::internal("reply too large for NATS")),
+            // Nothing left to shrink: the sender's check on payload size
+            // keeps a batch of small answers far below any limit.
+            None => return body,
+        }
+    }
+}
+
 /// A reply that does not fit its request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadReply;

@@ -1,6 +1,6 @@
 //! `kvmesh bench` against a real node, and against a node that lies.
 
-use kvmesh::bench::{BenchOptions, run};
+use kvmesh::bench::{BenchOptions, Target, run};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
@@ -8,7 +8,8 @@ use crate::harness::*;
 
 fn options(addr: std::net::SocketAddr) -> BenchOptions {
     BenchOptions {
-        addrs: vec![addr],
+        target: Target::Kvmesh,
+        addrs: vec![addr.to_string()],
         conns: 4,
         pipeline: 8,
         requests: Some(2_000),
