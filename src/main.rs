@@ -134,7 +134,7 @@ fn main() -> ExitCode {
         Some(Cmd::Ping { addr, timeout_ms }) => {
             return match kvmesh::ping::ping(&addr, Duration::from_millis(timeout_ms)) {
                 Ok(()) => {
-                    println!("PONG from {addr}");
+                    out(&format!("PONG from {addr}\n"));
                     ExitCode::SUCCESS
                 }
                 Err(err) => {
@@ -146,7 +146,7 @@ fn main() -> ExitCode {
         Some(Cmd::CheckConfig { node }) => {
             return match kvmesh::config::describe(&node.overrides()) {
                 Ok(text) => {
-                    print!("{text}");
+                    out(&text);
                     ExitCode::SUCCESS
                 }
                 Err(err) => {
@@ -246,11 +246,11 @@ fn bench(args: BenchArgs) -> ExitCode {
         Ok(report) => {
             if args.json {
                 match serde_json::to_string(&report) {
-                    Ok(json) => println!("{json}"),
+                    Ok(json) => out(&format!("{json}\n")),
                     Err(err) => eprintln!("kvmesh bench: {err}"),
                 }
             } else {
-                println!("{report}");
+                out(&format!("{report}\n"));
             }
             if report.errors == 0 {
                 ExitCode::SUCCESS
@@ -317,4 +317,10 @@ fn raise_file_limit(max_connections: usize) {
         Ok(_) => {}
         Err(err) => tracing::warn!(error = %err, "cannot raise the open-file limit"),
     }
+}
+
+/// Writes to stdout; a closed pipe (`kvmesh bench | head`) is not an error worth a panic.
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(text.as_bytes());
 }

@@ -22,7 +22,7 @@ use async_nats::service::{Service, ServiceExt};
 use async_nats::{Client, ConnectOptions, Event, HeaderMap, Message, StatusCode};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -153,7 +153,25 @@ struct Inner {
     /// Requests waiting for their reply. A std-style lock held for a map
     /// operation only, never across an `.await`.
     waiting: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+    /// One queue per owner, drained by that owner's forwarding task.
+    forwarders: Mutex<HashMap<String, mpsc::Sender<Job>>>,
 }
+
+/// The answers to a group of commands, in order.
+pub type Answers = Vec<Result<Reply, KvError>>;
+
+/// Commands queued for one owner, with the place their answers go.
+struct Job {
+    commands: Vec<Command>,
+    hops: u32,
+    answers: oneshot::Sender<Answers>,
+}
+
+/// Jobs queued per owner before senders wait: the bound on forwarded work.
+const FORWARD_QUEUE: usize = 4096;
+
+/// Most commands in one forwarded message.
+pub const MAX_BATCH: usize = 64;
 
 impl Mesh {
     /// Connects to the given NATS servers. If none answers now, the node still
@@ -220,6 +238,7 @@ impl Mesh {
             inbox,
             next_id: AtomicU64::new(0),
             waiting: Mutex::new(HashMap::new()),
+            forwarders: Mutex::new(HashMap::new()),
         });
         // Hands each reply to the request waiting for it. Holds only a weak
         // reference, so the mesh can be dropped.
@@ -264,6 +283,58 @@ impl Mesh {
         let body = wire::encode_request(&command);
         let pending = self.publish(owner, body, hops).instrument(span).await?;
         Ok(RemoteReply { pending, command })
+    }
+
+    /// Forwards commands to `owner` through its queue, and returns their answers
+    /// to come. Commands queued one after the other take effect in that order.
+    ///
+    /// One task per owner drains the queue: whatever has gathered while it was
+    /// busy leaves as one message (a batch of up to [`MAX_BATCH`]), so many
+    /// connections talking to one owner share round trips instead of each
+    /// paying for its own; a lone command still leaves at once, as a plain
+    /// request.
+    pub async fn forward(
+        &self,
+        owner: &str,
+        commands: Vec<Command>,
+        hops: u32,
+    ) -> oneshot::Receiver<Answers> {
+        let (answers, rx) = oneshot::channel();
+        if !self.is_connected() {
+            let _ = answers.send(
+                commands
+                    .iter()
+                    .map(|_| Err(KvError::mesh_unavailable()))
+                    .collect(),
+            );
+            return rx;
+        }
+        let queue = {
+            let mut forwarders = self.inner.forwarders.lock();
+            match forwarders.get(owner) {
+                Some(queue) if !queue.is_closed() => queue.clone(),
+                _ => {
+                    let (queue, jobs) = mpsc::channel(FORWARD_QUEUE);
+                    forwarders.insert(owner.to_owned(), queue.clone());
+                    tokio::spawn(forward_loop(self.clone(), owner.to_owned(), jobs));
+                    queue
+                }
+            }
+        };
+        let job = Job {
+            commands,
+            hops,
+            answers,
+        };
+        if let Err(mpsc::error::SendError(job)) = queue.send(job).await {
+            let _ = job.answers.send(
+                job.commands
+                    .iter()
+                    .map(|_| Err(KvError::mesh_unavailable()))
+                    .collect(),
+            );
+        }
+        rx
     }
 
     /// Publishes several commands to `owner` in one message; see [`Mesh::send`].
@@ -412,6 +483,8 @@ impl Mesh {
     /// Flushes what was sent and closes the connection. While disconnected there
     /// is nothing to drain (and the client would wait for a server forever).
     pub async fn drain(&self) {
+        // Closing the queues ends the forwarding tasks.
+        self.inner.forwarders.lock().clear();
         if !self.is_connected() {
             return;
         }
@@ -420,6 +493,79 @@ impl Mesh {
             Ok(Err(err)) => debug!(error = %err, "drain failed"),
             Err(_) => warn!("draining the NATS connection timed out"),
         }
+    }
+}
+
+/// Drains one owner's queue: publishes what has gathered (in order, grouped by
+/// hop count), and hands each reply's answers back without waiting for them
+/// before publishing more.
+async fn forward_loop(mesh: Mesh, owner: String, mut jobs: mpsc::Receiver<Job>) {
+    let mut gathered: Vec<Job> = Vec::new();
+    while let Some(first) = jobs.recv().await {
+        gathered.push(first);
+        // Let the connections that are ready to run add their commands first:
+        // under load this gathers a bigger message for the same round trip.
+        tokio::task::yield_now().await;
+        let mut count = gathered[0].commands.len();
+        while count < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    count += job.commands.len();
+                    gathered.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        while !gathered.is_empty() {
+            // One message holds jobs of one hop count, in queue order.
+            let hops = gathered[0].hops;
+            let same = gathered.iter().take_while(|j| j.hops == hops).count();
+            let group: Vec<Job> = gathered.drain(..same).collect();
+            let mut commands: Vec<Command> = Vec::new();
+            let mut shares = Vec::with_capacity(group.len());
+            for job in group {
+                shares.push((job.commands.len(), job.answers));
+                commands.extend(job.commands);
+            }
+            let n = commands.len();
+            let sent = if n == 1 {
+                let command = commands.pop();
+                match command {
+                    Some(c) => mesh.send(&owner, c, hops).await.map(Remote::One),
+                    None => continue,
+                }
+            } else {
+                mesh.send_batch(&owner, commands, hops)
+                    .await
+                    .map(Remote::Many)
+            };
+            match sent {
+                Ok(remote) => {
+                    tokio::spawn(async move {
+                        let answers = match remote {
+                            Remote::One(r) => vec![r.wait().await],
+                            Remote::Many(r) => r.wait().await,
+                        };
+                        share_out(answers, shares);
+                    });
+                }
+                Err(err) => share_out(vec![Err(err); n], shares),
+            }
+        }
+    }
+}
+
+enum Remote {
+    One(RemoteReply),
+    Many(RemoteBatch),
+}
+
+/// Gives each job its slice of a message's answers, in order.
+fn share_out(answers: Answers, shares: Vec<(usize, oneshot::Sender<Answers>)>) {
+    let mut answers = answers.into_iter();
+    for (len, to) in shares {
+        let mine: Vec<_> = answers.by_ref().take(len).collect();
+        let _ = to.send(mine);
     }
 }
 

@@ -281,6 +281,32 @@ impl Router {
         }
     }
 
+    /// Forwards commands to `owner` through the mesh's per-owner queue (see
+    /// `Mesh::forward`): commands forwarded one after the other take effect in
+    /// that order; the answers come back together, one per command.
+    /// Returns once the commands are queued; the returned future gives the
+    /// answers.
+    pub async fn forward(
+        &self,
+        owner: &str,
+        commands: Vec<Command>,
+        hops: u32,
+    ) -> impl std::future::Future<Output = Vec<Result<Reply, KvError>>> + Send + 'static {
+        let n = commands.len();
+        let queued = match &self.mesh {
+            Some(mesh) => Some(mesh.forward(owner, commands, hops + 1).await),
+            None => None,
+        };
+        async move {
+            match queued {
+                Some(answers) => answers
+                    .await
+                    .unwrap_or_else(|_| vec![Err(KvError::internal("forwarding stopped")); n]),
+                None => vec![Err(KvError::mesh_unavailable()); n],
+            }
+        }
+    }
+
     /// Publishes several commands for `owner` in one message (see
     /// [`Router::start`]); the answers come back together, one per command.
     pub async fn send_batch(

@@ -195,24 +195,12 @@ impl Chunk {
     }
 }
 
-/// Publishes one owner's commands (one message, a batch when there are several)
-/// and returns their answers to come.
-async fn publish(router: &Router, owner: &str, mut commands: Vec<Command>) -> BatchAnswers {
-    let n = commands.len();
-    let answers: Pin<Box<dyn Future<Output = _> + Send>> = if n == 1 {
-        let command = commands.pop().unwrap_or(Command::Where {
-            bucket: String::new(),
-        });
-        match router.send(owner, command, 0).await {
-            Ok(remote) => Box::pin(async move { Arc::new(vec![remote.wait().await]) }),
-            Err(err) => Box::pin(std::future::ready(Arc::new(vec![Err(err)]))),
-        }
-    } else {
-        match router.send_batch(owner, commands, 0).await {
-            Ok(remote) => Box::pin(async move { Arc::new(remote.wait().await) }),
-            Err(err) => Box::pin(std::future::ready(Arc::new(vec![Err(err); n]))),
-        }
-    };
+/// Queues one owner's commands for forwarding (in order) and returns their
+/// answers to come.
+async fn publish(router: &Router, owner: &str, commands: Vec<Command>) -> BatchAnswers {
+    let answers = router.forward(owner, commands, 0).await;
+    let answers: Pin<Box<dyn Future<Output = _> + Send>> =
+        Box::pin(async move { Arc::new(answers.await) });
     answers.shared()
 }
 

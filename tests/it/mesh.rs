@@ -798,3 +798,79 @@ async fn a_killed_owner_process_is_unavailable_at_once() {
     c.exchange("GET zebra k", "back\r\nOK\r\n").await;
     foo.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_forwarding_to_one_owner_each_get_their_own_answers() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
+    let bar = start_node(mesh_config("bar", FOO_BAR, &nats.url())).await;
+    let addr = foo.local_addr();
+    let mut setup = LineClient::connect(addr).await;
+    setup.exchange("CREATE zebra", "OK\r\n").await;
+    let clients: Vec<_> = (0..30)
+        .map(|id| {
+            tokio::spawn(async move {
+                let mut c = LineClient::connect(addr).await;
+                for i in 0..50 {
+                    // Pipelined pairs and single requests, mixed.
+                    if i % 2 == 0 {
+                        c.send(format!(
+                            "PUT zebra c{id}-{i} v{id}-{i}\r\nGET zebra c{id}-{i}\r\n"
+                        ))
+                        .await;
+                        c.expect(&format!("OK\r\nv{id}-{i}\r\nOK\r\n")).await;
+                    } else {
+                        c.exchange(&format!("PUT zebra c{id}-{i} w{id}"), "OK\r\n")
+                            .await;
+                        c.exchange(&format!("GET zebra c{id}-{i}"), &format!("w{id}\r\nOK\r\n"))
+                            .await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        within("client", c).await.expect("client task");
+    }
+    let mut b = LineClient::connect(bar.local_addr()).await;
+    b.exchange("GET zebra c29-48", "v29-48\r\nOK\r\n").await;
+    foo.shutdown().await;
+    bar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_remote_requests_travel_in_batches() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
+    let bar = start_node(mesh_config("bar", FOO_BAR, &nats.url())).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("CREATE zebra", "OK\r\n").await;
+    let (mut request, mut answer) = (String::new(), String::new());
+    for i in 0..40 {
+        request.push_str(&format!("PUT zebra k{i} v{i}\r\n"));
+        answer.push_str("OK\r\n");
+    }
+    c.send(request).await;
+    c.expect(&answer).await;
+    // bar counts NATS requests: far fewer than the 41 commands it ran.
+    let client = nats_client(&nats.url()).await;
+    let stats = gather(&client, "$SRV.STATS.kvmesh").await;
+    let infos = gather(&client, "$SRV.INFO.kvmesh").await;
+    let bar_id = infos
+        .iter()
+        .find(|i| i["metadata"]["node"] == "bar")
+        .map(|i| i["id"].clone())
+        .expect("bar's id");
+    let requests = stats
+        .iter()
+        .find(|s| s["id"] == bar_id)
+        .and_then(|s| s["endpoints"][0]["num_requests"].as_u64())
+        .expect("bar's count");
+    assert!(requests < 20, "{requests} NATS requests for 41 commands");
+    foo.shutdown().await;
+    bar.shutdown().await;
+}
