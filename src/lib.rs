@@ -16,6 +16,10 @@
 //! Dependencies point one way: `node → server/config → router → protocol,
 //! registry → command, error`.
 
+// Nothing that comes from outside the process may panic the node; an
+// `unwrap` on it would. (Tests may unwrap.)
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod bench;
 pub mod command;
 pub mod config;

@@ -1,6 +1,8 @@
 //! The `kvmesh` binary: parse flags, load the configuration, run a node until
 //! SIGINT or SIGTERM.
 
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
