@@ -50,6 +50,9 @@ pub struct Config {
     pub max_value_bytes: usize,
     /// Most TCP connections served at once.
     pub max_connections: usize,
+    /// Close a TCP connection that sends nothing for this long; unset: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
     /// The routing table; `None` means one catch-all entry for this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<Vec<RouteConfig>>,
@@ -106,6 +109,7 @@ impl Default for Config {
             max_line_bytes: 1024 * 1024,
             max_value_bytes: 512 * 1024,
             max_connections: 10_000,
+            idle_timeout_secs: None,
             routes: None,
             nats_user: None,
             nats_password: None,
@@ -227,6 +231,7 @@ impl Config {
             ("max_line_bytes", self.max_line_bytes as u64, 64),
             ("max_value_bytes", self.max_value_bytes as u64, 1),
             ("max_connections", self.max_connections as u64, 1),
+            ("idle_timeout_secs", self.idle_timeout_secs.unwrap_or(1), 1),
         ] {
             if value < min {
                 return Err(Invalid::at(
@@ -350,6 +355,7 @@ const KEYS: &[&str] = &[
     "max_line_bytes",
     "max_value_bytes",
     "max_connections",
+    "idle_timeout_secs",
     "nats_user",
     "nats_password",
     "nats_token",

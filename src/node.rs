@@ -103,6 +103,7 @@ impl Node {
         let limits = ServerLimits {
             max_line_bytes: config.max_line_bytes,
             max_connections: config.max_connections,
+            idle_timeout: config.idle_timeout_secs.map(Duration::from_secs),
             limits: Limits {
                 max_value_bytes: config.max_value_bytes,
             },

@@ -37,6 +37,8 @@ pub enum LineError {
 pub const PONG: &[u8] = b"PONG\r\n";
 /// The answer to `QUIT`, after which the connection closes.
 pub const BYE: &[u8] = b"BYE\r\n";
+/// The last line of a connection closed for sending nothing for `idle_timeout_secs`.
+pub const IDLE_TIMEOUT: &[u8] = b"ERROR idle timeout\r\n";
 /// The one line a connection over `max_connections` reads before it is closed.
 pub const TOO_MANY_CONNECTIONS: &[u8] = b"ERROR too many connections\r\n";
 

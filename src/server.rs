@@ -48,6 +48,8 @@ pub struct ServerLimits {
     pub max_line_bytes: usize,
     /// Most connections served at once.
     pub max_connections: usize,
+    /// How long a connection may send nothing before it is closed.
+    pub idle_timeout: Option<Duration>,
     /// Name and value limits.
     pub limits: Limits,
 }
@@ -249,10 +251,24 @@ async fn read_requests(
     let mut chunk = Chunk::new();
     loop {
         buf.reserve(READ_CHUNK);
+        let read = async {
+            match limits.idle_timeout {
+                Some(idle) => tokio::time::timeout(idle, rd.read_buf(&mut buf)).await.ok(),
+                None => Some(rd.read_buf(&mut buf).await),
+            }
+        };
         let n = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
-            n = rd.read_buf(&mut buf) => n?,
+            n = read => match n {
+                Some(n) => n?,
+                None => {
+                    // Idle too long: say so, and close once earlier answers are out.
+                    chunk.out.put_slice(protocol::IDLE_TIMEOUT);
+                    chunk.flush(router, &tx).await?;
+                    return Ok(());
+                }
+            },
         };
         let at_eof = n == 0;
         loop {

@@ -1,6 +1,7 @@
 //! End-to-end tests: real sockets, real processes. One binary, one harness.
 
 mod harness;
+mod hostile;
 mod nats;
 
 mod bench;

@@ -874,3 +874,35 @@ async fn pipelined_remote_requests_travel_in_batches() {
     foo.shutdown().await;
     bar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_allowed_value_travels_to_its_owner_and_back() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
+    let bar = start_node(mesh_config("bar", FOO_BAR, &nats.url())).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("CREATE zebra", "OK\r\n").await;
+    // max_value_bytes is 512 KiB by default; the server's max_payload 1 MiB.
+    let big = "v".repeat(512 * 1024);
+    c.exchange(&format!("PUT zebra big {big}"), "OK\r\n").await;
+    c.exchange(
+        &format!("PUT zebra bigger {big}x"),
+        "ERROR value too large\r\n",
+    )
+    .await;
+    c.exchange("GET zebra big", &format!("{big}\r\nOK\r\n"))
+        .await;
+    // Pipelined with other requests, as one batch.
+    c.send(
+        "GET zebra big
+PUT zebra small s
+GET zebra small
+",
+    )
+    .await;
+    c.expect(&format!("{big}\r\nOK\r\nOK\r\ns\r\nOK\r\n")).await;
+    foo.shutdown().await;
+    bar.shutdown().await;
+}

@@ -1,0 +1,247 @@
+//! Hostile and careless clients against the built binary: the node keeps
+//! serving, keeps its memory bounded, and never panics.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::*;
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// A small seedable generator for reproducible garbage.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_held_back_and_others_are_served() {
+    let p = spawn_kvmesh(&[]);
+    let mut setup = LineClient::connect(p.addr).await;
+    setup.exchange("CREATE b", "OK\r\n").await;
+    let value = "v".repeat(1000);
+    setup.exchange(&format!("PUT b k {value}"), "OK\r\n").await;
+    let before = rss_kib(p.child.id());
+
+    // A million GETs of a 1 KB value (1 GB of answers), never reading one.
+    let addr = p.addr;
+    let flood = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_write_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let chunk = "GET b k\r\n".repeat(10_000);
+        let mut sent = 0;
+        while sent < 1_000_000 {
+            if s.write_all(chunk.as_bytes()).is_err() {
+                break;
+            }
+            sent += 10_000;
+        }
+        (sent, s)
+    });
+    // Meanwhile, another client is served.
+    for _ in 0..20 {
+        setup.exchange("PING", "PONG\r\n").await;
+        setup
+            .exchange("GET b k", &format!("{value}\r\nOK\r\n"))
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (sent, _stream) = tokio::task::spawn_blocking(move || flood.join().expect("flood"))
+        .await
+        .expect("join");
+    assert!(
+        sent < 1_000_000,
+        "backpressure should have stopped the flood, {sent} sent"
+    );
+    let after = rss_kib(p.child.id());
+    assert!(
+        after < before + 64 * 1024,
+        "memory grew from {before} KiB to {after} KiB for a client that never reads"
+    );
+    setup.exchange("PING", "PONG\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_trickling_connections_are_served_and_idle_ones_closed() {
+    let _ = rlimit::increase_nofile_limit(4096);
+    let p = spawn_kvmesh(&[]);
+    // 1,000 clients each send PING one byte at a time.
+    let mut clients = Vec::new();
+    for _ in 0..1000 {
+        clients.push(
+            tokio::net::TcpStream::connect(p.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    for byte in b"PING\r\n" {
+        for c in &mut clients {
+            c.write_all(&[*byte]).await.expect("write");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for c in &mut clients {
+        let mut answer = [0u8; 6];
+        within("pong", c.read_exact(&mut answer))
+            .await
+            .expect("read");
+        assert_eq!(&answer, b"PONG\r\n");
+    }
+    drop(clients);
+
+    // With idle_timeout_secs, connections that stop sending are closed.
+    let mut cmd = clean_command();
+    cmd.env("KVMESH_IDLE_TIMEOUT_SECS", "1");
+    let idle = spawn_kvmesh_with(cmd, &[]);
+    let mut clients = Vec::new();
+    for _ in 0..1000 {
+        let mut c = tokio::net::TcpStream::connect(idle.addr)
+            .await
+            .expect("connect");
+        c.write_all(b"PIN").await.expect("write");
+        clients.push(c);
+    }
+    // A client that keeps talking stays, all along.
+    let mut active = LineClient::connect(idle.addr).await;
+    let talker = tokio::spawn(async move {
+        for _ in 0..8 {
+            active.exchange("PING", "PONG\r\n").await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    for c in &mut clients {
+        let mut rest = Vec::new();
+        within("idle close", c.read_to_end(&mut rest))
+            .await
+            .expect("read");
+        assert_eq!(rest, b"ERROR idle timeout\r\n");
+    }
+    within("talker", talker)
+        .await
+        .expect("the talking client is served throughout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_connections_are_held_at_once() {
+    let wanted = 10_000 + 200;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(got) if got >= wanted => {}
+        other => {
+            eprintln!("skipped: the open-file limit cannot reach {wanted} here ({other:?})");
+            return;
+        }
+    }
+    let p = spawn_kvmesh(&[]);
+    let before = rss_kib(p.child.id());
+    let mut clients = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        clients.push(
+            tokio::net::TcpStream::connect(p.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    for c in clients.iter_mut() {
+        c.write_all(b"PING\r\n").await.expect("write");
+    }
+    for c in clients.iter_mut() {
+        let mut answer = [0u8; 6];
+        within("pong", c.read_exact(&mut answer))
+            .await
+            .expect("read");
+        assert_eq!(&answer, b"PONG\r\n");
+    }
+    let after = rss_kib(p.child.id());
+    eprintln!(
+        "10,000 connections: {before} KiB -> {after} KiB, {:.1} KiB per connection",
+        (after.saturating_sub(before)) as f64 / 10_000.0
+    );
+    // One more is refused politely: the limit is 10,000.
+    let mut extra = LineClient::connect(p.addr).await;
+    extra.expect("ERROR too many connections\r\n").await;
+    drop(clients);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_get_answers_or_a_clean_close_and_the_node_lives_on() {
+    let p = spawn_kvmesh(&[]);
+    let seed = 0x5EED_u64;
+    eprintln!("random bytes seed {seed:#x}");
+    let mut rng = XorShift(seed);
+    for round in 0..8 {
+        let addr = p.addr;
+        // Garbage with NULs, high bytes, CRs and LFs; then a clean PING.
+        let mut garbage: Vec<u8> = (0..256 * 1024)
+            .map(|_| match rng.next() % 10 {
+                0 => b'\n',
+                1 => 0,
+                2 => b'\r',
+                3 => b' ',
+                _ => (rng.next() % 256) as u8,
+            })
+            .collect();
+        if round % 2 == 0 {
+            // Some rounds speak nearly valid commands.
+            garbage.extend_from_slice(b"\nCREATE x\nPUT x k \xff\nGET x k\nDROP x\n");
+        }
+        garbage.extend_from_slice(b"\r\nPING\r\n");
+        let answers = tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(STEP)).expect("timeout");
+            let reader = {
+                let mut s = s.try_clone().expect("clone");
+                std::thread::spawn(move || {
+                    let mut all = Vec::new();
+                    let mut buf = [0u8; 65536];
+                    let started = Instant::now();
+                    while started.elapsed() < STEP {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => all.extend_from_slice(&buf[..n]),
+                        }
+                        if all.ends_with(b"PONG\r\n") {
+                            break;
+                        }
+                    }
+                    all
+                })
+            };
+            s.write_all(&garbage).expect("write");
+            reader.join().expect("reader")
+        })
+        .await
+        .expect("round");
+        assert!(
+            answers.ends_with(b"PONG\r\n"),
+            "round {round}: no PONG after the garbage"
+        );
+        for line in answers.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            assert!(
+                line.ends_with(b"\r"),
+                "round {round}: every answer line ends with CRLF"
+            );
+        }
+    }
+    let mut c = LineClient::connect(p.addr).await;
+    c.exchange("PING", "PONG\r\n").await;
+}
