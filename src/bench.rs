@@ -20,6 +20,9 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::command::Command;
+use crate::{protocol, wire};
+
 /// What is being measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -137,9 +140,17 @@ impl Workload {
                 let value = value_for(&key, opts.value_size);
                 match opts.target {
                     Target::Kvmesh => {
-                        w.gets.push(format!("GET {bucket} {key}\r\n").into_bytes());
-                        w.puts
-                            .push(format!("PUT {bucket} {key} {value}\r\n").into_bytes());
+                        let get = Command::Get { bucket, key: &key };
+                        let put = Command::Put {
+                            bucket,
+                            key: &key,
+                            value: &value,
+                        };
+                        let (mut g, mut p) = (Vec::new(), Vec::new());
+                        protocol::write_request(&mut g, &get);
+                        protocol::write_request(&mut p, &put);
+                        w.gets.push(g);
+                        w.puts.push(p);
                     }
                     Target::Redis => {
                         let rkey = format!("{bucket}:{key}");
@@ -147,14 +158,14 @@ impl Workload {
                         w.puts.push(resp(&["SET", &rkey, &value]));
                     }
                     Target::Nats => {
-                        w.gets.push(
-                            format!(r#"{{"op":"get","bucket":"{bucket}","key":"{key}"}}"#)
-                                .into_bytes(),
-                        );
-                        w.puts.push(
-                            format!(r#"{{"op":"put","bucket":"{bucket}","key":"{key}","value":"{value}"}}"#)
-                                .into_bytes(),
-                        );
+                        w.gets
+                            .push(wire::encode_request(&Command::Get { bucket, key: &key }));
+                        let put = Command::Put {
+                            bucket,
+                            key: &key,
+                            value: &value,
+                        };
+                        w.puts.push(wire::encode_request(&put));
                     }
                 }
                 w.values.push(value.into_bytes());

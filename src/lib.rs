@@ -24,6 +24,8 @@ pub mod bench;
 pub mod command;
 pub mod config;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod mesh;
 pub mod node;
 pub mod ping;

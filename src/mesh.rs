@@ -460,7 +460,7 @@ impl Mesh {
     /// Asks our own subject before subscribing: any answer means the name is taken.
     async fn check_name_is_free(&self, node: &str) -> Result<(), MeshError> {
         let probe = async_nats::Request::new()
-            .payload(wire::encode_request(&Command::Where { bucket: "-".into() }).into())
+            .payload(wire::encode_request(&Command::Where { bucket: "-" }).into())
             .timeout(Some(self.inner.timeout.min(Duration::from_secs(2))));
         match self
             .inner

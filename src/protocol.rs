@@ -76,6 +76,24 @@ pub fn parse<'a>(line: &'a [u8], limits: &Limits) -> Result<Request<'a>, LineErr
     Ok(Request::Op(command))
 }
 
+/// Appends a command as a request line (what a client sends).
+pub fn write_request<S: AsRef<str>>(out: &mut Vec<u8>, command: &Command<S>) {
+    let (verb, words): (&[u8], [Option<&S>; 3]) = match command {
+        Command::Create { bucket } => (b"CREATE", [Some(bucket), None, None]),
+        Command::Put { bucket, key, value } => (b"PUT", [Some(bucket), Some(key), Some(value)]),
+        Command::Get { bucket, key } => (b"GET", [Some(bucket), Some(key), None]),
+        Command::Delete { bucket, key } => (b"DELETE", [Some(bucket), Some(key), None]),
+        Command::Drop { bucket } => (b"DROP", [Some(bucket), None, None]),
+        Command::Where { bucket } => (b"WHERE", [Some(bucket), None, None]),
+    };
+    out.extend_from_slice(verb);
+    for word in words.into_iter().flatten() {
+        out.push(b' ');
+        out.extend_from_slice(word.as_ref().as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends the answer to a GET: the value (or an empty line), then `OK`.
 pub fn write_value(out: &mut BytesMut, value: Option<&[u8]>) {
     if let Some(value) = value {

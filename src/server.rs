@@ -374,7 +374,7 @@ async fn write_answers(
 
 /// One framed piece of input.
 #[derive(Debug, PartialEq, Eq)]
-enum Frame {
+pub(crate) enum Frame {
     /// A complete line, without `\n` (a trailing `\r` is left for the parser,
     /// which treats it as whitespace).
     Line(BytesMut),
@@ -385,7 +385,7 @@ enum Frame {
 /// Splits a byte stream into lines of bounded length. Memory stays bounded by the
 /// limit even for an endless line: once a line is known to be too long, its bytes
 /// are dropped as they arrive.
-struct Framer {
+pub(crate) struct Framer {
     max_line: usize,
     /// How far the buffer has been searched for `\n` without finding one.
     scanned: usize,
@@ -394,7 +394,7 @@ struct Framer {
 }
 
 impl Framer {
-    fn new(max_line: usize) -> Self {
+    pub(crate) fn new(max_line: usize) -> Self {
         Self {
             max_line,
             scanned: 0,
@@ -403,7 +403,7 @@ impl Framer {
     }
 
     /// The next complete frame in `buf`, if any.
-    fn next(&mut self, buf: &mut BytesMut) -> Option<Frame> {
+    pub(crate) fn next(&mut self, buf: &mut BytesMut) -> Option<Frame> {
         if self.discarding {
             match memchr::memchr(b'\n', buf) {
                 Some(i) => {
@@ -440,7 +440,7 @@ impl Framer {
     }
 
     /// At end of input: the unterminated last line, if any.
-    fn rest(&mut self, buf: &mut BytesMut) -> Option<Frame> {
+    pub(crate) fn rest(&mut self, buf: &mut BytesMut) -> Option<Frame> {
         self.scanned = 0;
         if self.discarding || buf.is_empty() {
             buf.clear();

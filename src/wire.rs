@@ -71,7 +71,7 @@ fn decode_command(value: Value, limits: &Limits) -> Result<Command, KvError> {
 }
 
 /// Encodes a request body.
-pub fn encode_request(command: &Command) -> Vec<u8> {
+pub fn encode_request<S: AsRef<str> + Serialize>(command: &Command<S>) -> Vec<u8> {
     // Serializing plain strings into JSON cannot fail.
     serde_json::to_vec(command).unwrap_or_default()
 }
