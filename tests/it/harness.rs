@@ -334,3 +334,23 @@ pub fn run(cmd: &mut Command) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+impl LineClient {
+    /// Sends `request` until the answer is not an `ERROR` line, and returns it
+    /// (for reads made while the mesh is still healing). Fails after [`STEP`].
+    pub async fn read_after(&mut self, request: &str) -> String {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            self.send(format!("{request}\r\n")).await;
+            let answer = self.read_answer().await;
+            if !answer.starts_with("ERROR ") {
+                return answer;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{request:?} kept failing: {answer:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -5,6 +5,7 @@ mod hostile;
 mod nats;
 
 mod bench;
+mod chaos;
 mod mesh;
 mod node;
 mod ops;
