@@ -11,4 +11,5 @@ mod node;
 mod ops;
 mod process;
 mod security;
+mod soak;
 mod topology;

@@ -788,6 +788,13 @@ async fn a_killed_owner_process_is_unavailable_at_once() {
     let mut c = LineClient::connect(foo.local_addr()).await;
     c.exchange("CREATE zebra", "OK\r\n").await;
     bar.kill();
+    // Once NATS has seen the connection close (at once, unless the machine is
+    // very busy), nobody serves kv.node.bar.
+    let deadline = std::time::Instant::now() + STEP;
+    while nats.client_names().iter().any(|n| n == "kvmesh-bar") {
+        assert!(std::time::Instant::now() < deadline, "NATS still lists bar");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     // With a 60 s timeout configured, an answer within the test's step shows
     // that nobody waited for it.
     c.exchange("GET zebra k", "ERROR node bar unavailable\r\n")
