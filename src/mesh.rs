@@ -260,6 +260,26 @@ impl Mesh {
         Ok(Mesh { inner })
     }
 
+    /// Warns when the largest value allowed would not fit one NATS message of
+    /// the server this node is connected to (its `max_payload`): such values
+    /// are still refused, one by one, with `ERROR value too large`.
+    pub fn check_value_limit(&self, max_value_bytes: usize) {
+        // A PUT's JSON around its value: op, bucket (255), key (1 KiB), quotes.
+        const ENVELOPE: usize = 1400;
+        if !self.is_connected() {
+            return;
+        }
+        let max_payload = self.inner.client.max_payload();
+        if max_value_bytes + ENVELOPE > max_payload {
+            warn!(
+                max_value_bytes,
+                max_payload,
+                "values near max_value_bytes do not fit one NATS message; \
+                 PUTs of them for other nodes' buckets answer ERROR value too large"
+            );
+        }
+    }
+
     /// Whether the client is connected to a NATS server right now.
     pub fn is_connected(&self) -> bool {
         self.inner.client.connection_state() == State::Connected

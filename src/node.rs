@@ -112,6 +112,7 @@ impl Node {
         let tracker = TaskTracker::new();
         let mesh = match mesh {
             Some(mesh) => {
+                mesh.check_value_limit(config.max_value_bytes);
                 let serving = mesh
                     .serve(&config.node, router.clone(), limits.limits, tracker.clone())
                     .await?;

@@ -913,3 +913,22 @@ GET zebra small
     foo.shutdown().await;
     bar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_warns_at_start_when_its_largest_value_cannot_travel() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("small.conf");
+    std::fs::write(&conf, "max_payload: 65536\n").expect("write");
+    let Some(nats) = NatsServer::start_with(&["-c", conf.to_str().expect("path")]) else {
+        return;
+    };
+    let mut cmd = clean_command();
+    cmd.env(
+        "KVMESH_ROUTES",
+        r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#,
+    );
+    let mut p = spawn_kvmesh_with(cmd, &["--node", "foo", "--nats-url", &nats.url()]);
+    let warning = p.wait_for_log("do not fit one NATS message", 1);
+    assert!(warning[0].contains("max_payload=65536"), "{warning:?}");
+    assert_eq!(p.stop_with("-TERM"), Some(0));
+}
