@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 use parking_lot::RwLock;
@@ -40,18 +41,21 @@ impl Entry {
         Entry(bytes.into_boxed_slice())
     }
 
-    fn split(&self) -> (&[u8], &[u8]) {
-        let at = memchr::memchr(b' ', &self.0).unwrap_or(self.0.len());
-        let (key, rest) = self.0.split_at(at);
-        (key, rest.get(1..).unwrap_or_default())
-    }
-
+    /// The key: everything before the first space.
     fn key(&self) -> &[u8] {
-        self.split().0
+        let at = memchr::memchr(b' ', &self.0).unwrap_or(self.0.len());
+        &self.0[..at]
     }
 
-    fn value(&self) -> &[u8] {
-        self.split().1
+    /// Whether this entry's key is `key`: it starts with `key` and a space
+    /// (a key holds no space), so no search is needed.
+    fn is(&self, key: &[u8]) -> bool {
+        self.0.len() > key.len() && self.0[key.len()] == b' ' && self.0.starts_with(key)
+    }
+
+    /// The value of an entry whose key is `key`.
+    fn value_after(&self, key: &[u8]) -> &[u8] {
+        self.0.get(key.len() + 1..).unwrap_or_default()
     }
 }
 
@@ -81,7 +85,7 @@ impl Bucket {
         let key = key.as_bytes();
         let (hash, shard) = self.locate(key);
         let table = shard.read();
-        f(table.find(hash, |e| e.key() == key).map(Entry::value))
+        f(table.find(hash, |e| e.is(key)).map(|e| e.value_after(key)))
     }
 
     fn put(&self, key: &str, value: &str) {
@@ -89,11 +93,7 @@ impl Bucket {
         let entry = Entry::new(key, value);
         let hasher = &self.hasher;
         let mut table = shard.write();
-        match table.entry(
-            hash,
-            |e| e.key() == key.as_bytes(),
-            |e| hasher.hash_one(e.key()),
-        ) {
+        match table.entry(hash, |e| e.is(key.as_bytes()), |e| hasher.hash_one(e.key())) {
             hashbrown::hash_table::Entry::Occupied(mut old) => *old.get_mut() = entry,
             hashbrown::hash_table::Entry::Vacant(slot) => {
                 slot.insert(entry);
@@ -105,7 +105,7 @@ impl Bucket {
         let key = key.as_bytes();
         let (hash, shard) = self.locate(key);
         let mut table = shard.write();
-        if let Ok(found) = table.find_entry(hash, |e| e.key() == key) {
+        if let Ok(found) = table.find_entry(hash, |e| e.is(key)) {
             found.remove();
         }
     }
@@ -118,8 +118,22 @@ impl Bucket {
 /// A handle to this node's buckets.
 #[derive(Clone, Default)]
 pub struct Registry {
-    buckets: Arc<RwLock<HashMap<Box<str>, Bucket, DefaultHashBuilder>>>,
+    shared: Arc<Shared>,
 }
+
+#[derive(Default)]
+struct Shared {
+    buckets: RwLock<HashMap<Box<str>, Arc<Bucket>, DefaultHashBuilder>>,
+    /// Counts DROPs, so a [`BucketCache`] knows when its bucket may be gone.
+    drops: AtomicU64,
+}
+
+/// A connection's memory of the bucket it used last, so that a run of
+/// commands on one bucket does not take the registry's lock each time (that
+/// lock's cache line would otherwise bounce between cores on every request).
+/// Any DROP makes every cache look the bucket up again.
+#[derive(Default)]
+pub struct BucketCache(Option<(Box<str>, Arc<Bucket>, u64)>);
 
 impl Registry {
     /// An empty registry.
@@ -131,32 +145,46 @@ impl Registry {
     ///
     /// `WHERE` is answered by the router, not here; it reports an internal error.
     pub fn apply(&self, command: Command<&str>) -> Result<Reply, KvError> {
+        self.apply_cached(command, &mut BucketCache::default())
+    }
+
+    /// [`Registry::apply`], remembering the bucket in `cache`.
+    pub fn apply_cached(
+        &self,
+        command: Command<&str>,
+        cache: &mut BucketCache,
+    ) -> Result<Reply, KvError> {
         match command {
             Command::Create { bucket } => {
-                if !self.buckets.read().contains_key(bucket) {
-                    self.buckets
+                if !self.shared.buckets.read().contains_key(bucket) {
+                    self.shared
+                        .buckets
                         .write()
                         .entry(bucket.into())
-                        .or_insert_with(Bucket::new);
+                        .or_insert_with(|| Arc::new(Bucket::new()));
                 }
                 Ok(Reply::Ok)
             }
-            Command::Put { bucket, key, value } => self.with_bucket(bucket, |b| {
+            Command::Put { bucket, key, value } => self.with_bucket(bucket, cache, |b| {
                 b.put(key, value);
                 Reply::Ok
             }),
-            Command::Get { bucket, key } => self.get(bucket, key, |v| {
+            Command::Get { bucket, key } => self.get(bucket, key, cache, |v| {
                 // Values are stored from valid UTF-8 words, so this never replaces.
                 Reply::Value(v.map(|v| String::from_utf8_lossy(v).into_owned()))
             }),
-            Command::Delete { bucket, key } => self.with_bucket(bucket, |b| {
+            Command::Delete { bucket, key } => self.with_bucket(bucket, cache, |b| {
                 b.delete(key);
                 Reply::Ok
             }),
-            Command::Drop { bucket } => match self.buckets.write().remove(bucket) {
-                Some(_) => Ok(Reply::Ok),
-                None => Err(KvError::not_found(bucket)),
-            },
+            Command::Drop { bucket } => {
+                let removed = self.shared.buckets.write().remove(bucket);
+                self.shared.drops.fetch_add(1, Ordering::Release);
+                match removed {
+                    Some(_) => Ok(Reply::Ok),
+                    None => Err(KvError::not_found(bucket)),
+                }
+            }
             Command::Where { .. } => Err(KvError::internal("WHERE reached the registry")),
         }
     }
@@ -168,24 +196,45 @@ impl Registry {
         &self,
         bucket: &str,
         key: &str,
+        cache: &mut BucketCache,
         f: impl FnOnce(Option<&[u8]>) -> R,
     ) -> Result<R, KvError> {
-        self.with_bucket(bucket, |b| b.get(key, f))
+        self.with_bucket(bucket, cache, |b| b.get(key, f))
     }
 
     /// How many buckets this node holds.
     pub fn bucket_count(&self) -> usize {
-        self.buckets.read().len()
+        self.shared.buckets.read().len()
     }
 
     /// How many keys a bucket holds.
     pub fn key_count(&self, bucket: &str) -> Result<usize, KvError> {
-        self.with_bucket(bucket, Bucket::len)
+        self.with_bucket(bucket, &mut BucketCache::default(), |b| b.len())
     }
 
-    fn with_bucket<R>(&self, name: &str, op: impl FnOnce(&Bucket) -> R) -> Result<R, KvError> {
-        match self.buckets.read().get(name) {
-            Some(bucket) => Ok(op(bucket)),
+    fn with_bucket<R>(
+        &self,
+        name: &str,
+        cache: &mut BucketCache,
+        op: impl FnOnce(&Bucket) -> R,
+    ) -> Result<R, KvError> {
+        // Read before the lookup: a DROP after this point makes the next use
+        // look again. An operation that overlaps a DROP may land in the
+        // dropped bucket, as if it had run just before it.
+        let drops = self.shared.drops.load(Ordering::Acquire);
+        if let Some((cached, bucket, seen)) = &cache.0
+            && **cached == *name
+            && *seen == drops
+        {
+            return Ok(op(bucket));
+        }
+        let found = self.shared.buckets.read().get(name).cloned();
+        match found {
+            Some(bucket) => {
+                let result = op(&bucket);
+                cache.0 = Some((name.into(), bucket, drops));
+                Ok(result)
+            }
             None => Err(KvError::not_found(name)),
         }
     }
@@ -308,7 +357,11 @@ mod tests {
         }
         assert_eq!(reg.key_count("big"), Ok(20_000));
         for (i, k) in keys.iter().enumerate().step_by(7) {
-            let got = reg.get("big", k, |v| v.map(<[u8]>::to_vec)).unwrap();
+            let got = reg
+                .get("big", k, &mut BucketCache::default(), |v| {
+                    v.map(<[u8]>::to_vec)
+                })
+                .unwrap();
             assert_eq!(got, Some(format!("v{i}").into_bytes()));
         }
         for k in keys.iter().step_by(2) {
@@ -319,8 +372,54 @@ mod tests {
             .unwrap();
         }
         assert_eq!(reg.key_count("big"), Ok(10_000));
-        assert_eq!(reg.get("big", "key1", |v| v.is_some()), Ok(true));
-        assert_eq!(reg.get("big", "key2", |v| v.is_some()), Ok(false));
+        let mut cache = BucketCache::default();
+        assert_eq!(
+            reg.get("big", "key1", &mut cache, |v| v.is_some()),
+            Ok(true)
+        );
+        assert_eq!(
+            reg.get("big", "key2", &mut cache, |v| v.is_some()),
+            Ok(false)
+        );
+    }
+
+    #[test]
+    fn a_cached_bucket_is_forgotten_when_it_is_dropped() {
+        let reg = Registry::new();
+        let mut cache = BucketCache::default();
+        reg.apply(cmd("CREATE b")).unwrap();
+        reg.apply_cached(cmd("PUT b k v"), &mut cache).unwrap();
+        assert_eq!(
+            reg.apply_cached(cmd("GET b k"), &mut cache),
+            Ok(Reply::Value(Some("v".into())))
+        );
+        // Another connection drops and recreates the bucket.
+        reg.apply(cmd("DROP b")).unwrap();
+        assert_eq!(
+            reg.apply_cached(cmd("GET b k"), &mut cache)
+                .map_err(|e| e.code()),
+            Err(ErrorCode::NotFound)
+        );
+        reg.apply(cmd("CREATE b")).unwrap();
+        assert_eq!(
+            reg.apply_cached(cmd("GET b k"), &mut cache),
+            Ok(Reply::Value(None))
+        );
+        reg.apply_cached(cmd("PUT b k w"), &mut cache).unwrap();
+        assert_eq!(
+            reg.apply(cmd("GET b k")),
+            Ok(Reply::Value(Some("w".into())))
+        );
+        // A cache follows a switch of bucket.
+        reg.apply(cmd("CREATE c")).unwrap();
+        assert_eq!(
+            reg.apply_cached(cmd("GET c k"), &mut cache),
+            Ok(Reply::Value(None))
+        );
+        assert_eq!(
+            reg.apply_cached(cmd("GET b k"), &mut cache),
+            Ok(Reply::Value(Some("w".into())))
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use bytes::BytesMut;
 
 use crate::mesh::{Handler, Mesh, RemoteBatch, RemoteReply, Started};
 use crate::protocol;
-use crate::registry::Registry;
+use crate::registry::{BucketCache, Registry};
 
 /// An inclusive range of first bytes: `a-m`, `x`, or `*` (every byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,17 +250,22 @@ impl Router {
 
     /// Runs a local command and appends its TCP answer to `out`; a GET's value
     /// goes from the registry straight into the answer.
-    pub fn answer_local(&self, command: Command<&str>, out: &mut BytesMut) {
+    pub fn answer_local(
+        &self,
+        command: Command<&str>,
+        out: &mut BytesMut,
+        cache: &mut BucketCache,
+    ) {
         match command {
             Command::Get { bucket, key } => {
-                if let Err(err) = self
-                    .registry
-                    .get(bucket, key, |value| protocol::write_value(out, value))
-                {
+                if let Err(err) = self.registry.get(bucket, key, cache, |value| {
+                    protocol::write_value(out, value)
+                }) {
                     protocol::write_result(out, &Err(err));
                 }
             }
-            other => protocol::write_result(out, &self.execute_local(other)),
+            Command::Where { .. } => protocol::write_result(out, &self.execute_local(command)),
+            other => protocol::write_result(out, &self.registry.apply_cached(other, cache)),
         }
     }
 

@@ -31,6 +31,7 @@ use crate::command::{Command, Limits, Reply};
 use crate::error::KvError;
 
 use crate::protocol::{self, LineError, Request};
+use crate::registry::BucketCache;
 use crate::router::{Router, Target};
 
 /// Bytes asked of the socket per read.
@@ -249,6 +250,7 @@ async fn read_requests(
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut framer = Framer::new(limits.max_line_bytes);
     let mut chunk = Chunk::new();
+    let mut cache = BucketCache::default();
     loop {
         buf.reserve(READ_CHUNK);
         let read = async {
@@ -294,7 +296,7 @@ async fn read_requests(
                     return Ok(());
                 }
                 Ok(Request::Op(command)) => match router.target(&command, 0) {
-                    Ok(Target::Local) => router.answer_local(command, &mut chunk.out),
+                    Ok(Target::Local) => router.answer_local(command, &mut chunk.out, &mut cache),
                     Ok(Target::Remote(owner)) => full = chunk.forward(owner, command.owned()),
                     Err(err) => protocol::write_result(&mut chunk.out, &Err(err)),
                 },
