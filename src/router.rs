@@ -13,7 +13,7 @@ use crate::command::{Command, Reply, valid_node_name};
 use crate::error::KvError;
 use bytes::BytesMut;
 
-use crate::mesh::{Handler, Mesh, RemoteBatch, RemoteReply, Started};
+use crate::mesh::{Handler, Mesh, Started};
 use crate::protocol;
 use crate::registry::{BucketCache, Registry};
 
@@ -309,33 +309,6 @@ impl Router {
                     .unwrap_or_else(|_| vec![Err(KvError::internal("forwarding stopped")); n]),
                 None => vec![Err(KvError::mesh_unavailable()); n],
             }
-        }
-    }
-
-    /// Publishes several commands for `owner` in one message (see
-    /// [`Router::start`]); the answers come back together, one per command.
-    pub async fn send_batch(
-        &self,
-        owner: &str,
-        commands: Vec<Command>,
-        hops: u32,
-    ) -> Result<RemoteBatch, KvError> {
-        match &self.mesh {
-            Some(mesh) => mesh.send_batch(owner, commands, hops + 1).await,
-            None => Err(KvError::mesh_unavailable()),
-        }
-    }
-
-    /// Publishes one command to `owner` without waiting for the answer.
-    pub async fn send(
-        &self,
-        owner: &str,
-        command: Command,
-        hops: u32,
-    ) -> Result<RemoteReply, KvError> {
-        match &self.mesh {
-            Some(mesh) => mesh.send(owner, command, hops + 1).await,
-            None => Err(KvError::mesh_unavailable()),
         }
     }
 

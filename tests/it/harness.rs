@@ -135,6 +135,13 @@ pub fn mesh_config(name: &str, routes: &[(&str, &str)], nats_url: &str) -> Confi
 /// The two-node table of SPEC.md: a-m on foo, n-z on bar.
 pub const FOO_BAR: &[(&str, &str)] = &[("a-m", "foo"), ("n-z", "bar")];
 
+/// Nodes foo and bar of [`FOO_BAR`] on the NATS at `url`.
+pub async fn foo_and_bar(url: &str) -> (Node, Node) {
+    let foo = start_node(mesh_config("foo", FOO_BAR, url)).await;
+    let bar = start_node(mesh_config("bar", FOO_BAR, url)).await;
+    (foo, bar)
+}
+
 impl LineClient {
     /// Sends `request` until the answer is `answer` (for the moments when the
     /// mesh is still settling: NATS interest takes a few milliseconds to cross
@@ -353,4 +360,16 @@ impl LineClient {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Resident memory of a process, in KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
 }

@@ -16,8 +16,7 @@ async fn every_command_works_on_remote_buckets_from_both_sides() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
-    let bar = start_node(mesh_config("bar", FOO_BAR, &nats.url())).await;
+    let (foo, bar) = foo_and_bar(&nats.url()).await;
     let mut f = LineClient::connect(foo.local_addr()).await;
     let mut b = LineClient::connect(bar.local_addr()).await;
 
@@ -68,8 +67,7 @@ async fn pipelined_remote_requests_keep_their_order() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
-    let bar = start_node(mesh_config("bar", FOO_BAR, &nats.url())).await;
+    let (foo, bar) = foo_and_bar(&nats.url()).await;
     let mut c = LineClient::connect(foo.local_addr()).await;
     // Create, write and read a remote bucket in one write: each request must
     // land after the one before it.
@@ -160,8 +158,7 @@ async fn raw_nats_requests_without_headers_work_for_every_op() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
-    let bar = start_node(mesh_config("bar", FOO_BAR, &nats.url())).await;
+    let (foo, bar) = foo_and_bar(&nats.url()).await;
     let client = nats_client(&nats.url()).await;
     let cases: &[(&str, &str, &str)] = &[
         (
@@ -495,7 +492,8 @@ async fn a_silent_owner_times_out_without_blocking_anything_else() {
     };
     let routes = &[("a-m", "foo"), ("n-r", "slow"), ("s-z", "bar")];
     let mut config = mesh_config("foo", routes, &nats.url());
-    config.request_timeout_ms = 500;
+    // Long enough that the other requests below never time out on a busy machine.
+    config.request_timeout_ms = 2000;
     let foo = start_node(config).await;
     let bar = start_node(mesh_config("bar", routes, &nats.url())).await;
     let (_slow_client, _slow_sub) = silent_node(&nats.url(), "slow").await;
@@ -548,8 +546,7 @@ async fn a_nats_restart_is_survived_without_restarting_nodes() {
     let Some(mut nats) = NatsServer::start() else {
         return;
     };
-    let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
-    let bar = start_node(mesh_config("bar", FOO_BAR, &nats.url())).await;
+    let (foo, bar) = foo_and_bar(&nats.url()).await;
     let mut c = LineClient::connect(foo.local_addr()).await;
     c.exchange("CREATE apple", "OK\r\n").await;
     c.exchange("CREATE zebra", "OK\r\n").await;
@@ -656,8 +653,7 @@ async fn a_value_that_cannot_travel_is_refused() {
     let Some(nats) = NatsServer::start_with(&["-c", conf.to_str().expect("path")]) else {
         return;
     };
-    let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
-    let bar = start_node(mesh_config("bar", FOO_BAR, &nats.url())).await;
+    let (foo, bar) = foo_and_bar(&nats.url()).await;
     let mut c = LineClient::connect(foo.local_addr()).await;
     c.exchange("CREATE zebra", "OK\r\n").await;
     c.exchange(
@@ -701,8 +697,7 @@ async fn the_service_api_lists_every_node_with_its_counts() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
-    let bar = start_node(mesh_config("bar", FOO_BAR, &nats.url())).await;
+    let (foo, bar) = foo_and_bar(&nats.url()).await;
     let client = nats_client(&nats.url()).await;
     for _ in 0..3 {
         nats_req(
@@ -811,8 +806,7 @@ async fn many_connections_forwarding_to_one_owner_each_get_their_own_answers() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
-    let bar = start_node(mesh_config("bar", FOO_BAR, &nats.url())).await;
+    let (foo, bar) = foo_and_bar(&nats.url()).await;
     let addr = foo.local_addr();
     let mut setup = LineClient::connect(addr).await;
     setup.exchange("CREATE zebra", "OK\r\n").await;
@@ -852,8 +846,7 @@ async fn pipelined_remote_requests_travel_in_batches() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
-    let bar = start_node(mesh_config("bar", FOO_BAR, &nats.url())).await;
+    let (foo, bar) = foo_and_bar(&nats.url()).await;
     let mut c = LineClient::connect(foo.local_addr()).await;
     c.exchange("CREATE zebra", "OK\r\n").await;
     let (mut request, mut answer) = (String::new(), String::new());
@@ -887,8 +880,7 @@ async fn the_largest_allowed_value_travels_to_its_owner_and_back() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
-    let bar = start_node(mesh_config("bar", FOO_BAR, &nats.url())).await;
+    let (foo, bar) = foo_and_bar(&nats.url()).await;
     let mut c = LineClient::connect(foo.local_addr()).await;
     c.exchange("CREATE zebra", "OK\r\n").await;
     // max_value_bytes is 512 KiB by default; the server's max_payload 1 MiB.
