@@ -722,7 +722,7 @@ async fn start<H: Handler>(
                 for s in started {
                     results.push(s.finish().await);
                 }
-                wire::encode_batch_reply_within(&mut results, max_payload)
+                wire::encode_batch_reply_within(&results, max_payload)
             }))
         }
         Err(err) => Answer::Ready(wire::encode_reply(&Err(err))),

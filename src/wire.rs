@@ -36,6 +36,11 @@ pub fn decode_request(body: &[u8], limits: &Limits) -> Result<WireRequest, KvErr
         let Some(Value::Array(items)) = value.get("requests") else {
             return Err(KvError::bad_request("a batch needs a \"requests\" array"));
         };
+        if items.len() > MAX_BATCH_MEMBERS {
+            return Err(KvError::bad_request(format!(
+                "a batch holds at most {MAX_BATCH_MEMBERS} requests"
+            )));
+        }
         let members = items
             .iter()
             .map(|item| {
@@ -159,30 +164,43 @@ pub fn encode_batch_reply(results: &[Result<Reply, KvError>]) -> Vec<u8> {
 }
 
 /// Encodes a batch reply that fits in `max` bytes: while it does not, the
-/// largest value is replaced by a `reply too large for NATS` error, so each
-/// other member still gets its own answer.
-pub fn encode_batch_reply_within(results: &mut [Result<Reply, KvError>], max: usize) -> Vec<u8> {
-    loop {
-        let body = encode_batch_reply(results);
-        if body.len() <= max {
-            return body;
-        }
-        let largest = results
+/// largest answer is replaced by a `reply too large for NATS` error, so each
+/// other member still gets its own answer. Each member is encoded once.
+pub fn encode_batch_reply_within(results: &[Result<Reply, KvError>], max: usize) -> Vec<u8> {
+    let mut parts: Vec<Vec<u8>> = results.iter().map(encode_reply).collect();
+    // `{"ok":true,"replies":[` + parts joined by commas + `]}`
+    let frame = br#"{"ok":true,"replies":[]}"#.len();
+    let mut total =
+        frame + parts.iter().map(Vec::len).sum::<usize>() + parts.len().saturating_sub(1);
+    let too_large = encode_reply(&Err(KvError::internal("reply too large for NATS")));
+    while total > max {
+        let Some((i, len)) = parts
             .iter()
             .enumerate()
-            .filter_map(|(i, r)| match r {
-                Ok(Reply::Value(Some(v))) => Some((v.len(), i)),
-                _ => None,
-            })
-            .max();
-        match largest {
-            Some((_, i)) => results[i] = Err(KvError::internal("reply too large for NATS")),
-            // Nothing left to shrink: the sender's check on payload size
-            // keeps a batch of small answers far below any limit.
-            None => return body,
-        }
+            .map(|(i, p)| (i, p.len()))
+            .filter(|(_, len)| *len > too_large.len())
+            .max_by_key(|(_, len)| *len)
+        else {
+            // Every answer is already as small as an error: nothing left to shrink.
+            break;
+        };
+        total = total - len + too_large.len();
+        parts[i] = too_large.clone();
     }
+    let mut body = Vec::with_capacity(total);
+    body.extend_from_slice(br#"{"ok":true,"replies":["#);
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(part);
+    }
+    body.extend_from_slice(b"]}");
+    body
 }
+
+/// The most requests one batch may hold.
+pub const MAX_BATCH_MEMBERS: usize = 1024;
 
 /// A reply that does not fit its request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -507,6 +525,73 @@ mod tests {
                 br#"{"ok":true,"replies":[{"ok":true,"value":null}]}"#
             ),
             Err(BadReply)
+        );
+    }
+
+    #[test]
+    fn a_batch_reply_is_kept_under_the_payload_limit() {
+        let big = |n: usize| Ok(Reply::Value(Some("v".repeat(n))));
+        let results = vec![
+            big(300),
+            Ok(Reply::Ok),
+            big(500),
+            big(100),
+            Err(KvError::not_found("b")),
+        ];
+        let whole = encode_batch_reply(&results);
+        assert_eq!(
+            encode_batch_reply_within(&results, whole.len()),
+            whole,
+            "fits: unchanged"
+        );
+        let trimmed = encode_batch_reply_within(&results, whole.len() - 1);
+        let get = Command::Get {
+            bucket: "b".into(),
+            key: "k".into(),
+        };
+        let put = Command::Put {
+            bucket: "b".into(),
+            key: "k".into(),
+            value: "v".into(),
+        };
+        let commands = vec![get.clone(), put, get.clone(), get.clone(), get.clone()];
+        let decoded = decode_batch_reply(&commands, &trimmed).expect("valid reply");
+        // The largest value gave way; the others are intact.
+        assert_eq!(
+            decoded[2],
+            Err(KvError::internal("reply too large for NATS"))
+        );
+        assert_eq!(decoded[0], big(300));
+        assert_eq!(decoded[3], big(100));
+        assert_eq!(decoded[4], Err(KvError::not_found("b")));
+        // Nothing fits: every value gave way, the small answers stay.
+        let tiny = encode_batch_reply_within(&results, 10);
+        let decoded = decode_batch_reply(&commands, &tiny).expect("valid reply");
+        let too_large = Err(KvError::internal("reply too large for NATS"));
+        assert_eq!(
+            decoded,
+            vec![
+                too_large.clone(),
+                Ok(Reply::Ok),
+                too_large.clone(),
+                too_large,
+                Err(KvError::not_found("b"))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_has_a_size_limit() {
+        let member = r#"{"op":"where","bucket":"b"}"#;
+        let body = format!(
+            r#"{{"op":"batch","requests":[{}]}}"#,
+            vec![member; MAX_BATCH_MEMBERS + 1].join(",")
+        );
+        assert_eq!(
+            decode_request(body.as_bytes(), &LIMITS).map_err(|e| e.message().to_owned()),
+            Err(format!(
+                "a batch holds at most {MAX_BATCH_MEMBERS} requests"
+            ))
         );
     }
 
