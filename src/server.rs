@@ -30,6 +30,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::command::{Command, Limits, Reply};
 use crate::error::KvError;
 
+use crate::mesh::MAX_BATCH;
 use crate::protocol::{self, LineError, Request};
 use crate::registry::BucketCache;
 use crate::router::{Router, Target};
@@ -123,9 +124,6 @@ enum Pending {
     /// `QUIT`: say goodbye and close.
     Close,
 }
-
-/// Most commands forwarded to one node in one message.
-const MAX_BATCH: usize = 64;
 
 /// What one read's worth of requests produced, before it goes to the writer:
 /// local answers, and remote commands grouped by owner. Requests for one owner

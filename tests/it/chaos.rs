@@ -26,20 +26,6 @@ use crate::nats::NatsCluster;
 const ROUTES: &[(&str, &str)] = &[("a-m", "foo"), ("n-z", "bar")];
 const BUCKETS: [&str; 2] = ["apple", "nut"];
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// What a client knows of one of its keys: the values it may hold now.
 type Possible = BTreeSet<Option<String>>;
 
@@ -143,7 +129,7 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
             1 => Some(bar.local_addr()),
             _ => None,
         };
-        let mut rng = Rng(seed ^ (id + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = XorShift(seed ^ (id + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         clients.push(tokio::spawn(async move {
             let mut model: BTreeMap<(usize, u64), Possible> = BTreeMap::new();
             let mut conn = None;
@@ -205,7 +191,7 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     }
 
     // Faults.
-    let mut rng = Rng(seed);
+    let mut rng = XorShift(seed);
     let mut faults = 0;
     let started = tokio::time::Instant::now();
     while started.elapsed() < Duration::from_secs(seconds) {
