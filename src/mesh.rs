@@ -474,7 +474,12 @@ impl Mesh {
             }
             debug!("stopped serving");
         });
-        Ok(Serving { service, task })
+        Ok(Serving {
+            service,
+            task,
+            client: self.inner.client.clone(),
+            timeout: self.inner.timeout,
+        })
     }
 
     /// Asks our own subject before subscribing: any answer means the name is taken.
@@ -662,6 +667,8 @@ impl Drop for PendingReply {
 pub struct Serving {
     service: Service,
     task: JoinHandle<()>,
+    client: Client,
+    timeout: Duration,
 }
 
 impl Serving {
@@ -671,13 +678,19 @@ impl Serving {
         if let Err(err) = self.service.stop().await {
             debug!(error = %err, "stopping the service failed");
         }
-        // The loop ends once the server confirms the unsubscription; while NATS
-        // is unreachable that never comes, so do not wait for long.
+        // The loop ends once the client has sent the unsubscription; while
+        // NATS is unreachable that never happens, so do not wait for long.
         if tokio::time::timeout(Duration::from_secs(1), &mut self.task)
             .await
             .is_err()
         {
             self.task.abort();
+        }
+        // A round trip: once it returns, the server has seen the unsubscription,
+        // so from now on a request for this node gets "no responders" at once
+        // instead of reaching a node that will not answer.
+        if self.client.connection_state() == State::Connected {
+            let _ = tokio::time::timeout(self.timeout, self.client.flush()).await;
         }
     }
 }

@@ -73,6 +73,7 @@ async fn ask(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
+    let _heavy = heavy().await;
     let Some(mut cluster) = NatsCluster::start() else {
         return;
     };

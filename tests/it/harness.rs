@@ -83,7 +83,16 @@ impl LineClient {
 
     /// Asserts the next bytes read are exactly `answer`.
     pub async fn expect(&mut self, answer: &str) {
-        let got = self.read_bytes(answer.len()).await;
+        let mut got = self.read_bytes(answer.len()).await;
+        if got != answer.as_bytes() && !got.ends_with(b"\n") {
+            // Show the whole line that came instead.
+            use tokio::io::AsyncBufReadExt;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.reader.read_until(b'\n', &mut got),
+            )
+            .await;
+        }
         assert_eq!(String::from_utf8_lossy(&got), answer, "answer bytes differ");
     }
 
@@ -114,8 +123,11 @@ pub fn kvmesh_bin() -> &'static str {
 }
 
 /// A node configuration for a mesh: a name, a routing table, NATS servers.
+/// The request timeout is generous, so that a machine busy with other tests
+/// never turns a slow answer into a timeout; tests of timeouts set their own.
 pub fn mesh_config(name: &str, routes: &[(&str, &str)], nats_url: &str) -> Config {
     Config {
+        request_timeout_ms: 15_000,
         node: name.into(),
         listen: "127.0.0.1:0".into(),
         nats_url: Some(nats_url.into()),
@@ -389,4 +401,11 @@ impl XorShift {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
+}
+
+/// Taken by the tests that load the whole machine (chaos, soak, thousands of
+/// connections), so that they run one at a time.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
 }

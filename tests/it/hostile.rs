@@ -11,6 +11,7 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_held_back_and_others_are_served() {
+    let _heavy = heavy().await;
     let p = spawn_kvmesh(&[]);
     let mut setup = LineClient::connect(p.addr).await;
     setup.exchange("CREATE b", "OK\r\n").await;
@@ -59,6 +60,7 @@ async fn a_client_that_never_reads_is_held_back_and_others_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_trickling_connections_are_served_and_idle_ones_closed() {
+    let _heavy = heavy().await;
     let _ = rlimit::increase_nofile_limit(4096);
     let p = spawn_kvmesh(&[]);
     // 1,000 clients each send PING one byte at a time.
@@ -119,6 +121,7 @@ async fn a_thousand_trickling_connections_are_served_and_idle_ones_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_connections_are_held_at_once() {
+    let _heavy = heavy().await;
     let wanted = 10_000 + 200;
     match rlimit::increase_nofile_limit(wanted) {
         Ok(got) if got >= wanted => {}

@@ -15,6 +15,7 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_flat_under_steady_load() {
+    let _heavy = heavy().await;
     let default = if std::env::var_os("CI").is_some() {
         60
     } else {
