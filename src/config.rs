@@ -209,9 +209,8 @@ impl Config {
         Ok(figment.merge(Layer::new(flags, Serialized::defaults(overrides))))
     }
 
-    /// Checks every value; the routing table is built here, so a config that passes
-    /// has a usable table.
-    pub fn validate(&self) -> Result<(), Invalid> {
+    /// Checks every value, and returns the routing table it describes.
+    pub fn validate(&self) -> Result<RoutingTable, Invalid> {
         if !valid_node_name(&self.node) {
             return Err(Invalid::at(
                 "node",
@@ -240,9 +239,9 @@ impl Config {
                 ));
             }
         }
-        self.routing_table()?;
+        let table = self.routing_table()?;
         self.check_security()?;
-        Ok(())
+        Ok(table)
     }
 
     fn check_security(&self) -> Result<(), Invalid> {
@@ -335,12 +334,12 @@ impl Config {
     pub fn nats_servers(&self) -> Option<Vec<String>> {
         match &self.nats_url {
             Some(urls) => nats_servers(urls).ok(),
-            None => {
-                let table = self.routing_table().ok()?;
-                table
-                    .names_other_than(&self.node)
-                    .then(|| vec![DEFAULT_NATS_URL.to_string()])
-            }
+            None => self
+                .routes
+                .iter()
+                .flatten()
+                .any(|route| route.node != self.node)
+                .then(|| vec![DEFAULT_NATS_URL.to_string()]),
         }
     }
 }

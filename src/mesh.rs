@@ -45,8 +45,8 @@ pub fn node_subject(node: &str) -> String {
 pub enum Started {
     /// Run here (or refused): the result.
     Done(Result<Reply, KvError>),
-    /// Published to another node: wait for its answer.
-    Forwarded(RemoteReply),
+    /// Queued for another node: its answer to come.
+    Forwarded(Pin<Box<dyn Future<Output = Result<Reply, KvError>> + Send>>),
 }
 
 impl Started {
@@ -54,7 +54,7 @@ impl Started {
     pub async fn finish(self) -> Result<Reply, KvError> {
         match self {
             Started::Done(result) => result,
-            Started::Forwarded(remote) => remote.wait().await,
+            Started::Forwarded(answer) => answer.await,
         }
     }
 }
@@ -285,20 +285,10 @@ impl Mesh {
         self.inner.client.connection_state() == State::Connected
     }
 
-    /// The underlying client.
-    pub fn client(&self) -> &Client {
-        &self.inner.client
-    }
-
     /// Publishes `command` to `owner` and returns the answer to wait for. Calls
     /// made one after the other reach the owner in that order, which keeps a
     /// connection's pipelined requests in order; the waiting can overlap.
-    pub async fn send(
-        &self,
-        owner: &str,
-        command: Command,
-        hops: u32,
-    ) -> Result<RemoteReply, KvError> {
+    async fn send(&self, owner: &str, command: Command, hops: u32) -> Result<RemoteReply, KvError> {
         let span = debug_span!("forward", node = owner, bucket = command.bucket(), hops);
         let body = wire::encode_request(&command);
         let pending = self.publish(owner, body, hops).instrument(span).await?;
@@ -358,7 +348,7 @@ impl Mesh {
     }
 
     /// Publishes several commands to `owner` in one message; see [`Mesh::send`].
-    pub async fn send_batch(
+    async fn send_batch(
         &self,
         owner: &str,
         commands: Vec<Command>,
@@ -595,14 +585,14 @@ fn share_out(answers: Answers, shares: Vec<(usize, oneshot::Sender<Answers>)>) {
 }
 
 /// A request on its way: the answer to wait for.
-pub struct RemoteReply {
+struct RemoteReply {
     pending: PendingReply,
     command: Command,
 }
 
 impl RemoteReply {
     /// Waits (until the request timeout, counted from sending) for the answer.
-    pub async fn wait(self) -> Result<Reply, KvError> {
+    async fn wait(self) -> Result<Reply, KvError> {
         let owner = self.pending.owner.clone();
         let message = self.pending.wait().await?;
         wire::decode_reply(&self.command, &message.payload)
@@ -611,7 +601,7 @@ impl RemoteReply {
 }
 
 /// A batch on its way: the answers to wait for, one per command.
-pub struct RemoteBatch {
+struct RemoteBatch {
     pending: PendingReply,
     commands: Vec<Command>,
 }
@@ -619,7 +609,7 @@ pub struct RemoteBatch {
 impl RemoteBatch {
     /// Waits for the answers; a failure of the whole exchange is every
     /// command's answer.
-    pub async fn wait(self) -> Vec<Result<Reply, KvError>> {
+    async fn wait(self) -> Vec<Result<Reply, KvError>> {
         let owner = self.pending.owner.clone();
         match self.pending.wait().await {
             Ok(message) => wire::decode_batch_reply(&self.commands, &message.payload)
@@ -716,9 +706,7 @@ async fn start<H: Handler>(
         Ok(WireRequest::Single(command)) => match handler.start(command, hops).await {
             Started::Done(result) => Answer::Ready(wire::encode_reply(&result)),
             Started::Forwarded(remote) => {
-                Answer::Later(Box::pin(
-                    async move { wire::encode_reply(&remote.wait().await) },
-                ))
+                Answer::Later(Box::pin(async move { wire::encode_reply(&remote.await) }))
             }
         },
         Ok(WireRequest::Batch(members)) => {

@@ -59,8 +59,7 @@ impl Node {
     /// Validates `config`, binds its address and starts serving. Returns once the
     /// node accepts connections.
     pub async fn start(config: Config) -> Result<Node, StartError> {
-        config.validate()?;
-        let table = config.routing_table()?;
+        let table = config.validate()?;
         let listener = bind(&config.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -141,11 +140,6 @@ impl Node {
     /// The address the text front end listens on (the real port when 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// This node's name.
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     /// Stops accepting (on TCP and NATS), lets the requests in flight finish

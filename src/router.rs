@@ -153,16 +153,6 @@ impl RoutingTable {
             i => Some(&self.entries[i as usize].1),
         }
     }
-
-    /// The entries, in order.
-    pub fn entries(&self) -> impl Iterator<Item = (ByteRange, &str)> {
-        self.entries.iter().map(|(r, n)| (*r, &**n))
-    }
-
-    /// Whether any entry names a node other than `me`.
-    pub fn names_other_than(&self, me: &str) -> bool {
-        self.entries.iter().any(|(_, n)| &**n != me)
-    }
 }
 
 impl fmt::Display for RoutingTable {
@@ -214,11 +204,6 @@ impl Router {
             mesh,
             max_hops,
         }
-    }
-
-    /// This node's name.
-    pub fn node(&self) -> &str {
-        &self.node
     }
 
     /// Where `command`, having already made `hops` hops, runs next.
@@ -275,13 +260,13 @@ impl Router {
     pub async fn start(&self, command: Command, hops: u32) -> Started {
         match self.target(&command, hops) {
             Ok(Target::Local) => Started::Done(self.execute_local(command.borrowed())),
-            Ok(Target::Remote(owner)) => match &self.mesh {
-                Some(mesh) => match mesh.send(owner, command, hops + 1).await {
-                    Ok(remote) => Started::Forwarded(remote),
-                    Err(err) => Started::Done(Err(err)),
-                },
-                None => Started::Done(Err(KvError::mesh_unavailable())),
-            },
+            Ok(Target::Remote(owner)) => {
+                let answers = self.forward(owner, vec![command], hops).await;
+                Started::Forwarded(Box::pin(async move {
+                    let answer = answers.await.into_iter().next();
+                    answer.unwrap_or_else(|| Err(KvError::internal("no answer")))
+                }))
+            }
             Err(err) => Started::Done(Err(err)),
         }
     }

@@ -176,7 +176,7 @@ impl Chunk {
         let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "writer stopped");
         let mut answers = Vec::with_capacity(self.batches.len());
         for (owner, commands) in self.batches.drain(..) {
-            answers.push(publish(router, &owner, commands).await);
+            answers.push(forward(router, &owner, commands).await);
         }
         for item in self.items.drain(..) {
             let pending = match item {
@@ -198,7 +198,7 @@ impl Chunk {
 
 /// Queues one owner's commands for forwarding (in order) and returns their
 /// answers to come.
-async fn publish(router: &Router, owner: &str, commands: Vec<Command>) -> BatchAnswers {
+async fn forward(router: &Router, owner: &str, commands: Vec<Command>) -> BatchAnswers {
     let answers = router.forward(owner, commands, 0).await;
     let answers: Pin<Box<dyn Future<Output = _> + Send>> =
         Box::pin(async move { Arc::new(answers.await) });
