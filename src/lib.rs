@@ -4,17 +4,18 @@
 //! One request takes one path, and every path ends in the same value:
 //!
 //! ```text
-//! nc ─line─▶ server ─▶ protocol::parse ─▶ Command ─▶ router
+//! nc ─line─▶ server ─▶ protocol::parse ─▶ Command ─▶ router.target
 //!                                          owner is me │ owner is another node
-//!                                    registry.apply ◀──┴──▶ mesh.request(owner) ── NATS kv.node.<owner>
-//!                                                                    (owner: mesh.serve ─▶ router, hops+1)
+//!                                    registry.apply ◀──┴──▶ mesh.forward(owner) ── NATS kv.node.<owner>
+//!                                                           (one queue per owner)   (owner: serve loop ─▶ router.start, hops+1)
 //!                               Result<Reply, KvError> ◀─────────────┘
 //!                                          │
 //!                   protocol::write_result ─line─▶ nc      serde_json ─▶ NATS reply
 //! ```
 //!
-//! Dependencies point one way: `node → server/config → router → protocol,
-//! registry → command, error`.
+//! Dependencies point one way: `node → server/config → router → mesh,
+//! protocol, registry → wire, command, error`; the mesh's serve loop reaches the
+//! router only through the `Handler` that `node.rs` gives it.
 
 // Nothing that comes from outside the process may panic the node; an
 // `unwrap` on it would. (Tests may unwrap.)
