@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
@@ -440,8 +441,25 @@ impl Mesh {
         }
         info!(subject = %node_subject(node), connected, "serving on NATS");
         let client = self.inner.client.clone();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         let task = tokio::spawn(async move {
-            while let Some(request) = endpoint.next().await {
+            loop {
+                let request = tokio::select! {
+                    biased;
+                    _ = stopped.cancelled() => {
+                        // Unsubscribe through the client's queue (waiting for room
+                        // in it), not in a drop that might come too late.
+                        if let Err(err) = endpoint.stop().await {
+                            debug!(error = %err, "unsubscribing failed");
+                        }
+                        break;
+                    }
+                    request = endpoint.next() => match request {
+                        Some(request) => request,
+                        None => break,
+                    },
+                };
                 if request.message.reply.is_none() {
                     // Nobody could learn the outcome, so the command is not run.
                     debug!(subject = %request.message.subject, "ignored a message without a reply subject");
@@ -466,6 +484,7 @@ impl Mesh {
         });
         Ok(Serving {
             service,
+            stop,
             task,
             client: self.inner.client.clone(),
             timeout: self.inner.timeout,
@@ -656,6 +675,7 @@ impl Drop for PendingReply {
 /// A running serve loop; stop it before draining the client.
 pub struct Serving {
     service: Service,
+    stop: CancellationToken,
     task: JoinHandle<()>,
     client: Client,
     timeout: Duration,
@@ -665,11 +685,9 @@ impl Serving {
     /// Unsubscribes and waits for the serve loop to end (handlers already
     /// started keep running on the tracker).
     pub async fn stop(mut self) {
-        if let Err(err) = self.service.stop().await {
-            debug!(error = %err, "stopping the service failed");
-        }
-        // The loop ends once the client has sent the unsubscription; while
-        // NATS is unreachable that never happens, so do not wait for long.
+        self.stop.cancel();
+        // The loop ends once the unsubscription is queued; a full queue while
+        // NATS is unreachable could hold it, so do not wait for long.
         if tokio::time::timeout(Duration::from_secs(1), &mut self.task)
             .await
             .is_err()
@@ -681,6 +699,9 @@ impl Serving {
         // instead of reaching a node that will not answer.
         if self.client.connection_state() == State::Connected {
             let _ = tokio::time::timeout(self.timeout, self.client.flush()).await;
+        }
+        if let Err(err) = self.service.stop().await {
+            debug!(error = %err, "stopping the service failed");
         }
     }
 }
