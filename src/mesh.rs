@@ -151,12 +151,15 @@ struct Inner {
     /// Replies come to `<inbox>.<id>`, one subscription for all requests.
     inbox: String,
     next_id: AtomicU64,
-    /// Requests waiting for their reply. A std-style lock held for a map
-    /// operation only, never across an `.await`.
-    waiting: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+    /// Requests waiting for their reply.
+    waiting: Arc<Waiting>,
     /// One queue per owner, drained by that owner's forwarding task.
     forwarders: Mutex<HashMap<String, mpsc::Sender<Job>>>,
 }
+
+/// Requests waiting for their reply, by id. A std-style lock held for a map
+/// operation only, never across an `.await`.
+type Waiting = Mutex<HashMap<u64, oneshot::Sender<Message>>>;
 
 /// The answers to a group of commands, in order.
 pub type Answers = Vec<Result<Reply, KvError>>;
@@ -189,8 +192,10 @@ impl Mesh {
             .map(|s| s.parse())
             .collect::<Result<_, _>>()
             .map_err(|e| MeshError::Connect(format!("bad server address: {e}")))?;
+        let waiting: Arc<Waiting> = Arc::default();
         let options = || {
             let node = node.to_owned();
+            let waiting = waiting.clone();
             ConnectOptions::new()
                 .name(format!("kvmesh-{node}"))
                 .request_timeout(Some(timeout))
@@ -201,6 +206,12 @@ impl Mesh {
                     Duration::from_millis((attempts as u64).saturating_mul(100).min(1000))
                 })
                 .event_callback(move |event| {
+                    if matches!(event, Event::Disconnected) {
+                        // No reply can come through a connection that is gone:
+                        // the requests waiting for one fail now (as "mesh
+                        // unavailable") instead of at their timeout.
+                        waiting.lock().clear();
+                    }
                     let node = node.clone();
                     async move { log_event(&node, event) }
                 })
@@ -238,7 +249,7 @@ impl Mesh {
             timeout,
             inbox,
             next_id: AtomicU64::new(0),
-            waiting: Mutex::new(HashMap::new()),
+            waiting,
             forwarders: Mutex::new(HashMap::new()),
         });
         // Hands each reply to the request waiting for it. Holds only a weak
@@ -433,11 +444,9 @@ impl Mesh {
             .await
             .map_err(|e| MeshError::Service(e.to_string()))?;
         if connected {
-            match tokio::time::timeout(self.inner.timeout, self.inner.client.flush()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(error = %e, "flush after subscribing failed"),
-                Err(_) => warn!("flush after subscribing timed out"),
-            }
+            // Ready only once the server has the subscription: a request sent
+            // the moment this returns reaches this node.
+            round_trip(&self.inner.client, self.inner.timeout, "subscribing").await;
         }
         info!(subject = %node_subject(node), connected, "serving on NATS");
         let client = self.inner.client.clone();
@@ -522,6 +531,9 @@ impl Mesh {
         if !self.is_connected() {
             return;
         }
+        // The client's drain closes the connection soon after it is asked,
+        // without waiting for the server: make sure the last replies are out.
+        round_trip(&self.inner.client, self.inner.timeout, "the last replies").await;
         match tokio::time::timeout(self.inner.timeout, self.inner.client.drain()).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => debug!(error = %err, "drain failed"),
@@ -694,15 +706,30 @@ impl Serving {
         {
             self.task.abort();
         }
-        // A round trip: once it returns, the server has seen the unsubscription,
-        // so from now on a request for this node gets "no responders" at once
+        // Once the round trip is back, the server has seen the unsubscription,
+        // so from then on a request for this node gets "no responders" at once
         // instead of reaching a node that will not answer.
         if self.client.connection_state() == State::Connected {
-            let _ = tokio::time::timeout(self.timeout, self.client.flush()).await;
+            round_trip(&self.client, self.timeout, "unsubscribing").await;
         }
         if let Err(err) = self.service.stop().await {
             debug!(error = %err, "stopping the service failed");
         }
+    }
+}
+
+/// A round trip to the NATS server: when it returns, the server has processed
+/// everything this client sent before (subscriptions, unsubscriptions, replies).
+/// `Client::flush` is not one: it only writes the client's buffer to the socket.
+///
+/// It is a request to a fresh inbox nobody listens on; the server's "no
+/// responders" status comes back after it has handled all that came first.
+async fn round_trip(client: &Client, timeout: Duration, after: &str) {
+    let probe = async_nats::Request::new().timeout(Some(timeout.min(Duration::from_secs(2))));
+    match client.send_request(client.new_inbox(), probe).await {
+        Err(err) if err.kind() == RequestErrorKind::NoResponders => {}
+        Ok(_) => debug!(after, "round trip answered by a subscriber"),
+        Err(err) => warn!(error = %err, after, "no round trip to the NATS server"),
     }
 }
 

@@ -34,8 +34,20 @@ pub fn node_config(name: &str) -> Config {
     }
 }
 
+/// Logs of the nodes a test runs in its own process, shown with the test's
+/// output when `TEST_LOG` is set (`TEST_LOG=kvmesh=debug`, say).
+pub fn init_test_log() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("TEST_LOG"))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Starts a node in this process; it is ready when this returns.
 pub async fn start_node(config: Config) -> Node {
+    init_test_log();
     within("node start", Node::start(config))
         .await
         .expect("node starts")
@@ -208,6 +220,23 @@ pub async fn nats_client(url: &str) -> async_nats::Client {
     within("nats connect", async_nats::connect(url))
         .await
         .expect("nats connect")
+}
+
+/// Waits until the server has processed everything `client` sent before
+/// (its subscriptions, say): a request nobody answers comes back as "no
+/// responders" only after that. `flush` only writes the client's buffer.
+pub async fn nats_round_trip(client: &async_nats::Client) {
+    let err = within(
+        "round trip",
+        client.request(client.new_inbox(), Vec::new().into()),
+    )
+    .await
+    .expect_err("nobody listens on a fresh inbox");
+    assert_eq!(
+        err.kind(),
+        async_nats::client::RequestErrorKind::NoResponders,
+        "{err}"
+    );
 }
 
 /// Sends a raw request body, without headers, and returns the reply body.

@@ -481,7 +481,7 @@ async fn silent_node(url: &str, name: &str) -> (async_nats::Client, async_nats::
         .subscribe(format!("kv.node.{name}"))
         .await
         .expect("subscribe");
-    client.flush().await.expect("flush");
+    nats_round_trip(&client).await;
     (client, sub)
 }
 
@@ -565,6 +565,27 @@ async fn a_nats_restart_is_survived_without_restarting_nodes() {
     b.eventually("GET apple k", "during\r\nOK\r\n").await;
     foo.shutdown().await;
     bar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_when_nats_dies_fails_at_once() {
+    let Some(mut nats) = NatsServer::start() else {
+        return;
+    };
+    // A long timeout: an answer within the test's step proves nobody waited for it.
+    let mut config = mesh_config("foo", FOO_BAR, &nats.url());
+    config.request_timeout_ms = 60_000;
+    let foo = start_node(config).await;
+    let (_bar_client, mut requests) = silent_node(&nats.url(), "bar").await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.send("GET zebra k\r\nPING\r\n").await;
+    within("request reaches bar", requests.next())
+        .await
+        .expect("a request");
+    nats.kill();
+    c.expect("ERROR mesh unavailable\r\nPONG\r\n").await;
+    c.exchange("WHERE apple", "foo\r\nOK\r\n").await;
+    foo.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
