@@ -115,23 +115,49 @@ impl Limits {
     /// no ASCII whitespace (so nothing stored can break a TCP answer into lines),
     /// and the size limits. A TCP word already has no whitespace; a JSON string may.
     pub fn validate<S: AsRef<str>>(&self, command: &Command<S>) -> Result<(), KvError> {
+        self.check(command, Words::Unchecked)
+    }
+
+    /// [`Limits::validate`] for words split from a TCP line on whitespace: they
+    /// are never empty and hold none, so only their sizes are left to check.
+    pub fn validate_split<S: AsRef<str>>(&self, command: &Command<S>) -> Result<(), KvError> {
+        self.check(command, Words::Split)
+    }
+
+    fn check<S: AsRef<str>>(&self, command: &Command<S>, words: Words) -> Result<(), KvError> {
         check_word(
             "bucket name",
             command.bucket(),
             MAX_BUCKET_BYTES,
             "too long",
+            words,
         )?;
         match command {
             Command::Put { key, value, .. } => {
-                check_word("key", key.as_ref(), MAX_KEY_BYTES, "too long")?;
-                check_word("value", value.as_ref(), self.max_value_bytes, "too large")
+                check_word("key", key.as_ref(), MAX_KEY_BYTES, "too long", words)?;
+                check_word(
+                    "value",
+                    value.as_ref(),
+                    self.max_value_bytes,
+                    "too large",
+                    words,
+                )
             }
             Command::Get { key, .. } | Command::Delete { key, .. } => {
-                check_word("key", key.as_ref(), MAX_KEY_BYTES, "too long")
+                check_word("key", key.as_ref(), MAX_KEY_BYTES, "too long", words)
             }
             Command::Create { .. } | Command::Drop { .. } | Command::Where { .. } => Ok(()),
         }
     }
+}
+
+/// Where the words of a command come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Words {
+    /// Split from a line on whitespace: non-empty, with no whitespace.
+    Split,
+    /// From anywhere else (JSON): anything.
+    Unchecked,
 }
 
 /// Whether `name` is a valid node name: `[A-Za-z0-9_-]+` (it becomes part of a
@@ -148,11 +174,17 @@ pub fn is_word(word: &str) -> bool {
     !word.is_empty() && !word.bytes().any(|b| b.is_ascii_whitespace())
 }
 
-fn check_word(what: &str, word: &str, max: usize, too_big: &str) -> Result<(), KvError> {
+fn check_word(
+    what: &str,
+    word: &str,
+    max: usize,
+    too_big: &str,
+    words: Words,
+) -> Result<(), KvError> {
     if word.len() > max {
         return Err(KvError::bad_request(format!("{what} {too_big}")));
     }
-    if !is_word(word) {
+    if words == Words::Unchecked && !is_word(word) {
         return Err(KvError::bad_request(format!("invalid {what}")));
     }
     Ok(())

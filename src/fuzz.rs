@@ -98,7 +98,7 @@ fn frame_and_answer(input: &[u8], chunks: &[usize], max_line: usize) -> (BytesMu
     let mut sizes = chunks.iter().cycle();
     let answer = |frame: Frame, out: &mut BytesMut| match frame {
         Frame::TooLong => protocol::write_line_error(out, &protocol::LineError::TooLong),
-        Frame::Line(line) => match protocol::parse(&line, &LIMITS) {
+        Frame::Line(line) => match protocol::parse(line, &LIMITS) {
             Ok(Request::Ping) => out.extend_from_slice(protocol::PONG),
             Ok(Request::Quit) => out.extend_from_slice(protocol::BYE),
             Ok(Request::Op(_)) => out.extend_from_slice(b"OK\r\n"),
@@ -110,13 +110,15 @@ fn frame_and_answer(input: &[u8], chunks: &[usize], max_line: usize) -> (BytesMu
         buf.extend_from_slice(&rest[..n]);
         rest = &rest[n..];
         biggest = biggest.max(buf.len());
-        while let Some(frame) = framer.next(&mut buf) {
+        while let Some(frame) = framer.next(&buf) {
             answer(frame, &mut out);
         }
+        framer.consume(&mut buf);
     }
-    while let Some(frame) = framer.next(&mut buf).or_else(|| framer.rest(&mut buf)) {
+    while let Some(frame) = framer.next(&buf).or_else(|| framer.rest(&buf)) {
         answer(frame, &mut out);
     }
+    framer.consume(&mut buf);
     (out, biggest)
 }
 

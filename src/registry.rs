@@ -62,14 +62,28 @@ impl Entry {
 /// A bucket: its keys spread over shards.
 struct Bucket {
     hasher: DefaultHashBuilder,
-    shards: [RwLock<HashTable<Entry>>; SHARDS],
+    shards: [Shard; SHARDS],
+}
+
+/// One shard, alone on its cache lines: every read takes its lock, which
+/// writes the lock word, and two cores working on neighbouring shards must not
+/// invalidate each other's lines (128 bytes: x86 fetches lines in pairs).
+#[repr(align(128))]
+struct Shard(RwLock<HashTable<Entry>>);
+
+impl std::ops::Deref for Shard {
+    type Target = RwLock<HashTable<Entry>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Bucket {
     fn new() -> Self {
         Self {
             hasher: DefaultHashBuilder::default(),
-            shards: std::array::from_fn(|_| RwLock::new(HashTable::new())),
+            shards: std::array::from_fn(|_| Shard(RwLock::new(HashTable::new()))),
         }
     }
 
