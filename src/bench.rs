@@ -205,10 +205,14 @@ struct Shared {
 }
 
 impl Shared {
-    /// Takes up to `want` requests from the budget.
+    /// Takes up to `want` requests from the budget (no shared write when the
+    /// run is timed rather than counted).
     fn grant(&self, want: u64) -> u64 {
         if self.done.load(Ordering::Relaxed) {
             return 0;
+        }
+        if self.opts.requests.is_none() {
+            return want;
         }
         self.budget
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
@@ -218,14 +222,37 @@ impl Shared {
             .min(want)
     }
 
-    fn count(&self, verdict: Result<(), String>, first_error: &mut Option<String>) {
+    /// Adds a connection's counts since the last call to the totals: once per
+    /// batch, not per request, so that connections on different threads do not
+    /// take the counters' cache line from each other at every answer.
+    fn settle(&self, tally: &mut Tally) {
+        if tally.ok > 0 {
+            self.ok.fetch_add(tally.ok, Ordering::Relaxed);
+        }
+        if tally.errors > 0 {
+            self.errors.fetch_add(tally.errors, Ordering::Relaxed);
+        }
+        tally.ok = 0;
+        tally.errors = 0;
+    }
+}
+
+/// One connection's counts, not yet added to the totals.
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    errors: u64,
+}
+
+impl Tally {
+    fn count(&mut self, verdict: Result<(), String>, first_error: &mut Option<String>) {
         match verdict {
-            Ok(()) => self.ok.fetch_add(1, Ordering::Relaxed),
+            Ok(()) => self.ok += 1,
             Err(e) => {
                 first_error.get_or_insert(e);
-                self.errors.fetch_add(1, Ordering::Relaxed)
+                self.errors += 1;
             }
-        };
+        }
     }
 }
 
@@ -498,6 +525,7 @@ async fn connection(shared: Arc<Shared>, addr: String, id: u64) -> ConnResult {
     let mut first_error = None;
     let mut batch = Vec::new();
     let mut sent = Vec::with_capacity(opts.pipeline);
+    let mut tally = Tally::default();
     let err = |e: BenchError| e.to_string();
     loop {
         let granted = shared.grant(opts.pipeline as u64);
@@ -520,8 +548,9 @@ async fn connection(shared: Arc<Shared>, addr: String, id: u64) -> ConnResult {
             }
             .map_err(err)?;
             let _ = hist.record((start.elapsed().as_micros() as u64).max(1));
-            shared.count(verdict, &mut first_error);
+            tally.count(verdict, &mut first_error);
         }
+        shared.settle(&mut tally);
     }
     Ok((hist, first_error))
 }
@@ -632,6 +661,7 @@ async fn nats_requester(
     let mut rng = XorShift::seeded(id);
     let mut hist = new_histogram();
     let mut first_error = None;
+    let mut tally = Tally::default();
     let mut in_flight = FuturesOrdered::new();
     loop {
         while in_flight.len() < opts.pipeline && shared.grant(1) == 1 {
@@ -655,7 +685,8 @@ async fn nats_requester(
             Ok(msg) => Err(format!("reply {:?}", String::from_utf8_lossy(&msg.payload))),
             Err(e) => Err(e.to_string()),
         };
-        shared.count(verdict, &mut first_error);
+        tally.count(verdict, &mut first_error);
+        shared.settle(&mut tally);
     }
     Ok((hist, first_error))
 }
