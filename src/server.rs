@@ -1,15 +1,16 @@
 //! The TCP side: the accept loop, the connection limit, line framing, and
 //! pipelined answers written back in request order.
 //!
-//! Each connection runs two halves in one task. The reader frames lines, parses
-//! them and runs local commands at once, appending their answers to a chunk;
-//! commands for other nodes are gathered per owner and published at the end of
-//! the read, several in one NATS message when a client pipelines, so that
-//! pipelined remote requests travel side by side and cost one round trip. The writer takes chunks and remote answers from
-//! a bounded queue in request order and flushes only when the queue is empty, so
-//! a pipelined burst costs few system calls. The queue's bound is the
-//! backpressure: a client that never reads stops being read.
+//! A connection is one loop that takes input, answers it and writes. Local
+//! commands are answered at once, into the bytes of their read; commands for
+//! other nodes are gathered per owner and published at the end of the read,
+//! several in one NATS message when a client pipelines, so that pipelined
+//! remote requests travel side by side and cost one round trip. Answers go
+//! out in request order, one write for all that a read made ready. A bound on
+//! what is owed and unwritten is the backpressure: a client that never reads
+//! stops being read.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -22,7 +23,7 @@ use futures_util::FutureExt;
 use futures_util::future::Shared;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, warn};
@@ -43,9 +44,11 @@ const CHUNK_BYTES: usize = 16 * 1024;
 const OUT_BLOCK: usize = 4096;
 /// ...and a new block starts when less than this is left of the last one.
 const OUT_MIN_ROOM: usize = 512;
-/// Answers (chunks or remote requests) queued per connection before the reader
-/// waits for the writer: the bound on a connection's pipelined work.
+/// Answers (chunks or remote requests) owed per connection before it stops
+/// taking input: the bound on a connection's pipelined work.
 const QUEUE_DEPTH: usize = 64;
+/// Bytes waiting to be written before a connection stops taking input.
+const OUT_LIMIT: usize = 256 * 1024;
 
 /// What the TCP front end needs to know besides the router.
 #[derive(Debug, Clone, Copy)]
@@ -127,8 +130,6 @@ enum Pending {
     Ready(BytesMut),
     /// The answer of a command forwarded to another node: item `index` of a batch.
     Remote(BatchAnswers, usize),
-    /// `QUIT`: say goodbye and close.
-    Close,
 }
 
 /// What one read's worth of requests produced, before it goes to the writer:
@@ -189,28 +190,24 @@ impl Chunk {
         commands.len() >= MAX_BATCH
     }
 
-    /// Publishes the batches and hands everything to the writer, in order.
-    async fn flush(&mut self, router: &Router, tx: &mpsc::Sender<Pending>) -> io::Result<()> {
-        let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "writer stopped");
+    /// Publishes the batches and adds everything to the connection's queue,
+    /// in order.
+    async fn flush(&mut self, router: &Router, queue: &mut VecDeque<Pending>) {
         let mut answers = Vec::with_capacity(self.batches.len());
         for (owner, commands) in self.batches.drain(..) {
             answers.push(forward(router, &owner, commands).await);
         }
         for item in self.items.drain(..) {
-            let pending = match item {
+            queue.push_back(match item {
                 ChunkItem::Ready(bytes) => Pending::Ready(bytes),
                 ChunkItem::Remote { batch, index } => {
                     Pending::Remote(answers[batch].clone(), index)
                 }
-            };
-            tx.send(pending).await.map_err(|_| closed())?;
+            });
         }
         if !self.out.is_empty() {
-            tx.send(Pending::Ready(self.take_out()))
-                .await
-                .map_err(|_| closed())?;
+            queue.push_back(Pending::Ready(self.take_out()));
         }
-        Ok(())
     }
 }
 
@@ -235,166 +232,220 @@ async fn serve(
         debug!(error = %err, "set_nodelay failed");
     }
     let (mut rd, mut wr) = stream.split();
-    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-    let reader = read_requests(&mut rd, tx, router, limits, &shutdown);
-    let writer = write_answers(&mut wr, rx);
-    tokio::pin!(reader, writer);
-    let outcome = tokio::select! {
-        read = &mut reader => match read {
-            // The reader is done (end of input, QUIT, shutdown): let the writer drain.
-            Ok(()) => writer.await,
-            Err(err) => Err(err),
-        },
-        // The writer only stops first when the socket broke.
-        written = &mut writer => written,
-    };
-    match outcome {
+    let mut conn = Connection::new(router, limits);
+    match conn.run(&mut rd, &mut wr, &shutdown).await {
         Ok(()) => debug!(%peer, "closed"),
         Err(err) => debug!(%peer, error = %err, "closed on error"),
     }
 }
 
-/// Reads, frames and parses lines; runs local commands; queues every answer.
-async fn read_requests(
-    rd: &mut (impl tokio::io::AsyncRead + Unpin),
-    tx: mpsc::Sender<Pending>,
-    router: &Arc<Router>,
+/// Why a connection stops reading.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Still reading.
+    Open,
+    /// End of input, shutdown or idle timeout: finish the answers, then close.
+    Done,
+    /// `QUIT`: finish the answers, say goodbye, close.
+    Quit,
+}
+
+/// One connection: its input, the answers owed in request order, and the
+/// bytes ready to go out.
+///
+/// One loop does everything, so a local answer is written in the same turn
+/// that read its request, with no queue or wake-up between reading and
+/// writing. Input is taken a read at a time and answered line by line; when
+/// more than [`QUEUE_DEPTH`] answers are owed or [`OUT_LIMIT`] bytes wait to
+/// be written, the connection stops taking input (the rest stays in the
+/// buffer) until the client reads: that is the backpressure.
+struct Connection<'r> {
+    router: &'r Arc<Router>,
     limits: ServerLimits,
-    shutdown: &CancellationToken,
-) -> io::Result<()> {
-    let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "writer stopped");
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut framer = Framer::new(limits.max_line_bytes);
-    let mut chunk = Chunk::new();
-    let mut cache = BucketCache::default();
-    // Polled whenever the socket has nothing to read, so once per request
-    // without pipelining: a token of this connection's own keeps that poll
-    // off the lock that every connection's wait on the node's token shares.
-    let shutdown = shutdown.child_token();
-    let cancelled = shutdown.cancelled();
-    tokio::pin!(cancelled);
-    loop {
-        buf.reserve(READ_CHUNK);
-        let read = async {
-            match limits.idle_timeout {
-                Some(idle) => tokio::time::timeout(idle, rd.read_buf(&mut buf)).await.ok(),
-                None => Some(rd.read_buf(&mut buf).await),
-            }
-        };
-        let n = tokio::select! {
-            biased;
-            _ = &mut cancelled => return Ok(()),
-            n = read => match n {
-                Some(n) => n?,
-                None => {
-                    // Idle too long: say so, and close once earlier answers are out.
-                    chunk.out.put_slice(protocol::IDLE_TIMEOUT);
-                    chunk.flush(router, &tx).await?;
-                    return Ok(());
-                }
-            },
-        };
-        let at_eof = n == 0;
+    buf: BytesMut,
+    framer: Framer,
+    cache: BucketCache,
+    /// Answers of the input taken but not yet in `queue`.
+    chunk: Chunk,
+    /// Answers owed, in request order; the first may wait for another node.
+    queue: VecDeque<Pending>,
+    /// Bytes whose turn has come, to be written.
+    out: BytesMut,
+    /// Whether `buf` may hold lines not yet framed.
+    unframed: bool,
+    at_eof: bool,
+    reading: Reading,
+}
+
+impl<'r> Connection<'r> {
+    fn new(router: &'r Arc<Router>, limits: ServerLimits) -> Self {
+        Self {
+            router,
+            limits,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            framer: Framer::new(limits.max_line_bytes),
+            cache: BucketCache::default(),
+            chunk: Chunk::new(),
+            queue: VecDeque::new(),
+            out: BytesMut::new(),
+            unframed: false,
+            at_eof: false,
+            reading: Reading::Open,
+        }
+    }
+
+    async fn run(
+        &mut self,
+        rd: &mut (impl tokio::io::AsyncRead + Unpin),
+        wr: &mut (impl tokio::io::AsyncWrite + Unpin),
+        shutdown: &CancellationToken,
+    ) -> io::Result<()> {
+        // Polled whenever the socket has nothing to read, so once per request
+        // without pipelining: a token of this connection's own keeps that poll
+        // off the lock that every connection's wait on the node's token shares.
+        let shutdown = shutdown.child_token();
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let idle = self.limits.idle_timeout;
+        let idle_timer = tokio::time::sleep(idle.unwrap_or(Duration::MAX));
+        tokio::pin!(idle_timer);
         loop {
-            let frame = if at_eof {
-                framer.next(&buf).or_else(|| framer.rest(&buf))
-            } else {
-                framer.next(&buf)
-            };
-            let Some(frame) = frame else { break };
-            let line = match frame {
-                Frame::Line(line) => line,
-                Frame::TooLong => {
-                    protocol::write_line_error(&mut chunk.out, &LineError::TooLong);
-                    continue;
-                }
-            };
-            let mut full = false;
-            match protocol::parse(line, &limits.limits) {
-                Ok(Request::Ping) => chunk.out.put_slice(protocol::PONG),
-                Ok(Request::Quit) => {
-                    chunk.flush(router, &tx).await?;
-                    tx.send(Pending::Close).await.map_err(|_| closed())?;
-                    return Ok(());
-                }
-                Ok(Request::Op(command)) => match router.target(&command, 0) {
-                    Ok(Target::Local) => router.answer_local(command, &mut chunk.out, &mut cache),
-                    Ok(Target::Remote(owner)) => full = chunk.forward(owner, command.owned()),
-                    Err(err) => protocol::write_result(&mut chunk.out, &Err(err)),
-                },
-                Err(err) => protocol::write_line_error(&mut chunk.out, &err),
+            if self.unframed && self.reading == Reading::Open && !self.backlogged() {
+                self.take_input().await;
+                continue;
             }
-            if full || chunk.out.len() >= CHUNK_BYTES {
-                chunk.flush(router, &tx).await?;
+            self.move_ready();
+            if self.reading != Reading::Open && self.queue.is_empty() && self.out.is_empty() {
+                if self.reading == Reading::Quit {
+                    wr.write_all(protocol::BYE).await?;
+                    wr.shutdown().await?;
+                }
+                return Ok(());
+            }
+            let head_waits = matches!(self.queue.front(), Some(Pending::Remote(..)));
+            let may_read = self.reading == Reading::Open && !self.backlogged();
+            tokio::select! {
+                biased;
+                written = wr.write(&self.out), if !self.out.is_empty() => {
+                    match written? {
+                        0 => return Err(io::ErrorKind::WriteZero.into()),
+                        n => self.out.advance(n),
+                    }
+                }
+                () = wait_head(&mut self.queue), if head_waits => {}
+                read = rd.read_buf(&mut self.buf), if may_read => {
+                    let n = read?;
+                    self.unframed = true;
+                    self.at_eof = n == 0;
+                    if let Some(idle) = idle {
+                        idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                    }
+                    if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                        self.buf.reserve(READ_CHUNK);
+                    }
+                }
+                () = &mut cancelled, if self.reading == Reading::Open => {
+                    self.reading = Reading::Done;
+                }
+                () = &mut idle_timer, if idle.is_some() && self.reading == Reading::Open => {
+                    // Idle too long: say so, and close once earlier answers are out.
+                    self.queue.push_back(Pending::Ready(BytesMut::from(protocol::IDLE_TIMEOUT)));
+                    self.reading = Reading::Done;
+                }
             }
         }
-        framer.consume(&mut buf);
-        chunk.flush(router, &tx).await?;
-        if at_eof {
-            return Ok(());
+    }
+
+    /// Too much owed or waiting to be written to take more input.
+    fn backlogged(&self) -> bool {
+        self.queue.len() >= QUEUE_DEPTH || self.out.len() >= OUT_LIMIT
+    }
+
+    /// Answers the complete lines in the buffer, until the backlog is full.
+    async fn take_input(&mut self) {
+        loop {
+            if self.backlogged() {
+                break;
+            }
+            let frame = if self.at_eof {
+                self.framer
+                    .next(&self.buf)
+                    .or_else(|| self.framer.rest(&self.buf))
+            } else {
+                self.framer.next(&self.buf)
+            };
+            let Some(frame) = frame else {
+                self.unframed = false;
+                if self.at_eof {
+                    self.reading = Reading::Done;
+                }
+                break;
+            };
+            let out = &mut self.chunk.out;
+            let mut full = false;
+            match frame {
+                Frame::TooLong => protocol::write_line_error(out, &LineError::TooLong),
+                Frame::Line(line) => match protocol::parse(line, &self.limits.limits) {
+                    Ok(Request::Ping) => out.put_slice(protocol::PONG),
+                    Ok(Request::Quit) => {
+                        self.reading = Reading::Quit;
+                        self.unframed = false;
+                        break;
+                    }
+                    Ok(Request::Op(command)) => match self.router.target(&command, 0) {
+                        Ok(Target::Local) => {
+                            self.router.answer_local(command, out, &mut self.cache)
+                        }
+                        Ok(Target::Remote(owner)) => {
+                            full = self.chunk.forward(owner, command.owned())
+                        }
+                        Err(err) => protocol::write_result(out, &Err(err)),
+                    },
+                    Err(err) => protocol::write_line_error(out, &err),
+                },
+            }
+            if full || self.chunk.out.len() >= CHUNK_BYTES {
+                self.chunk.flush(self.router, &mut self.queue).await;
+            }
+        }
+        self.framer.consume(&mut self.buf);
+        self.chunk.flush(self.router, &mut self.queue).await;
+    }
+
+    /// Moves the answers whose turn has come from the queue to `out`.
+    fn move_ready(&mut self) {
+        while let Some(front) = self.queue.front_mut() {
+            match front {
+                Pending::Ready(bytes) => {
+                    if self.out.is_empty() {
+                        std::mem::swap(&mut self.out, bytes);
+                    } else {
+                        self.out.extend_from_slice(bytes);
+                    }
+                }
+                // A clone: a finished shared future must not be polled again.
+                Pending::Remote(answers, index) => match answers.clone().now_or_never() {
+                    Some(answers) => {
+                        let missing = Err(KvError::internal("no answer in batch"));
+                        protocol::write_result(
+                            &mut self.out,
+                            answers.get(*index).unwrap_or(&missing),
+                        );
+                    }
+                    None => return,
+                },
+            }
+            self.queue.pop_front();
         }
     }
 }
 
-/// Writes queued answers in order, flushing whenever the queue runs dry.
-async fn write_answers(
-    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
-    mut rx: mpsc::Receiver<Pending>,
-) -> io::Result<()> {
-    let mut out = BytesMut::new();
-    loop {
-        let item = match rx.try_recv() {
-            Ok(item) => item,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                if !out.is_empty() {
-                    wr.write_all(&out).await?;
-                    out.clear();
-                }
-                match rx.recv().await {
-                    Some(item) => item,
-                    None => break,
-                }
-            }
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-        };
-        match item {
-            Pending::Ready(chunk) => {
-                if out.is_empty() {
-                    out = chunk;
-                } else {
-                    out.extend_from_slice(&chunk);
-                }
-            }
-            Pending::Remote(mut answers, index) => {
-                let answers = match (&mut answers).now_or_never() {
-                    Some(answers) => answers,
-                    None => {
-                        // Do not hold finished answers back while waiting for a slow node.
-                        if !out.is_empty() {
-                            wr.write_all(&out).await?;
-                            out.clear();
-                        }
-                        answers.await
-                    }
-                };
-                let missing = Err(KvError::internal("no answer in batch"));
-                protocol::write_result(&mut out, answers.get(index).unwrap_or(&missing));
-            }
-            Pending::Close => {
-                out.put_slice(protocol::BYE);
-                wr.write_all(&out).await?;
-                return wr.shutdown().await;
-            }
-        }
-        if out.len() >= 4 * CHUNK_BYTES {
-            wr.write_all(&out).await?;
-            out.clear();
-        }
+/// Waits until the answers the queue's first item needs are in.
+async fn wait_head(queue: &mut VecDeque<Pending>) {
+    if let Some(Pending::Remote(answers, _)) = queue.front_mut() {
+        // A clone polls the same shared result; the item keeps its own.
+        answers.clone().await;
     }
-    if !out.is_empty() {
-        wr.write_all(&out).await?;
-    }
-    Ok(())
 }
 
 /// One framed piece of input.
