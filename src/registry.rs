@@ -316,13 +316,14 @@ mod tests {
     fn keys_that_share_prefixes_stay_apart() {
         let reg = Registry::new();
         reg.apply(cmd("CREATE b")).unwrap();
-        for (k, v) in [
+        let pairs = [
             ("k", "1"),
             ("k1", "2"),
             ("k10", "3"),
             ("é", "ü"),
             ("a\u{0}b", "x"),
-        ] {
+        ];
+        for (k, v) in pairs {
             reg.apply(Command::Put {
                 bucket: "b",
                 key: k,
@@ -330,13 +331,7 @@ mod tests {
             })
             .unwrap();
         }
-        for (k, v) in [
-            ("k", "1"),
-            ("k1", "2"),
-            ("k10", "3"),
-            ("é", "ü"),
-            ("a\u{0}b", "x"),
-        ] {
+        for (k, v) in pairs {
             assert_eq!(
                 reg.apply(Command::Get {
                     bucket: "b",
