@@ -38,7 +38,7 @@ use crate::router::{Router, Target};
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
-/// A chunk of ready answers is handed to the writer once it grows past this.
+/// A chunk of ready answers joins the connection's queue once it grows past this.
 const CHUNK_BYTES: usize = 16 * 1024;
 /// Answers are written into blocks of this size, a read's worth at a time...
 const OUT_BLOCK: usize = 4096;
@@ -132,7 +132,7 @@ enum Pending {
     Remote(BatchAnswers, usize),
 }
 
-/// What one read's worth of requests produced, before it goes to the writer:
+/// What one read's worth of requests produced, before it joins the connection's queue:
 /// local answers, and remote commands grouped by owner. Requests for one owner
 /// keep their order inside its batch, and batches are published in the order
 /// they began, so every request still takes effect after the one before it on
