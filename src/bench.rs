@@ -555,13 +555,17 @@ async fn connection(shared: Arc<Shared>, addr: String, id: u64) -> ConnResult {
     Ok((hist, first_error))
 }
 
+/// An answer's bytes, readable in an error message.
+fn show(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// Reads a kvmesh answer: `OK` for a PUT; the value (or nothing) then `OK` for a GET.
 async fn check_kvmesh(
     conn: &mut Conn,
     get: Option<&[u8]>,
 ) -> Result<Result<(), String>, BenchError> {
     let first = conn.line().await?;
-    let show = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     Ok(match get {
         None if &first[..] == b"OK" => Ok(()),
         None => Err(format!("PUT answered {:?}", show(&first))),
@@ -590,7 +594,6 @@ async fn check_redis(
     get: Option<&[u8]>,
 ) -> Result<Result<(), String>, BenchError> {
     let first = conn.line().await?;
-    let show = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     Ok(match get {
         None if &first[..] == b"+OK" => Ok(()),
         None => Err(format!("SET answered {:?}", show(&first))),

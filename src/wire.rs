@@ -283,6 +283,20 @@ mod tests {
         max_value_bytes: 16,
     };
 
+    /// `GET b k`, `PUT b k v` and `WHERE b`.
+    fn get_put_where() -> (Command, Command, Command) {
+        let get = Command::Get {
+            bucket: "b".into(),
+            key: "k".into(),
+        };
+        let put = Command::Put {
+            bucket: "b".into(),
+            key: "k".into(),
+            value: "v".into(),
+        };
+        (get, put, Command::Where { bucket: "b".into() })
+    }
+
     fn bad(body: &str) -> String {
         match decode_request(body.as_bytes(), &LIMITS) {
             Err(e) => {
@@ -452,16 +466,7 @@ mod tests {
 
     #[test]
     fn replies_round_trip_through_decode() {
-        let get = Command::Get {
-            bucket: "b".into(),
-            key: "k".into(),
-        };
-        let where_ = Command::Where { bucket: "b".into() };
-        let put = Command::Put {
-            bucket: "b".into(),
-            key: "k".into(),
-            value: "v".into(),
-        };
+        let (get, put, where_) = get_put_where();
         let cases = [
             (&get, Ok(Reply::Value(Some("v".into())))),
             (&get, Ok(Reply::Value(None))),
@@ -491,11 +496,7 @@ mod tests {
 
     #[test]
     fn unsafe_or_malformed_replies_are_refused() {
-        let get = Command::Get {
-            bucket: "b".into(),
-            key: "k".into(),
-        };
-        let where_ = Command::Where { bucket: "b".into() };
+        let (get, _, where_) = get_put_where();
         for (command, body) in [
             (&get, r#"{"ok":true,"value":"a\r\nOK"}"#),
             (&get, r#"{"ok":true,"value":""}"#),
@@ -545,15 +546,7 @@ mod tests {
             "fits: unchanged"
         );
         let trimmed = encode_batch_reply_within(&results, whole.len() - 1);
-        let get = Command::Get {
-            bucket: "b".into(),
-            key: "k".into(),
-        };
-        let put = Command::Put {
-            bucket: "b".into(),
-            key: "k".into(),
-            value: "v".into(),
-        };
+        let (get, put, _) = get_put_where();
         let commands = vec![get.clone(), put, get.clone(), get.clone(), get.clone()];
         let decoded = decode_batch_reply(&commands, &trimmed).expect("valid reply");
         // The largest value gave way; the others are intact.

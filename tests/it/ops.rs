@@ -102,42 +102,36 @@ fn check_config_shows_each_value_and_its_source_and_hides_secrets() {
     );
 }
 
-#[test]
-fn check_config_rejects_a_bad_file_naming_the_key() {
+/// Runs `check-config` on a file holding `toml`; asserts it is refused with
+/// exit status 2 and nothing on stdout, and returns what it said on stderr.
+fn check_config_refuses(toml: &str) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("bad.toml");
-    std::fs::write(&file, "node = \"foo\"\nnats_user = \"kv\"\n").expect("write");
+    std::fs::write(&file, toml).expect("write");
     let (code, stdout, stderr) =
         run(clean_command().args(["check-config", "--config", file.to_str().expect("path")]));
-    assert_eq!(code, Some(2));
-    assert!(stdout.is_empty());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    stderr
+}
+
+#[test]
+fn check_config_rejects_a_bad_file_naming_the_key() {
+    let stderr = check_config_refuses("node = \"foo\"\nnats_user = \"kv\"\n");
     assert!(
         stderr.contains("invalid configuration: nats_password"),
         "{stderr}"
     );
 
-    std::fs::write(
-        &file,
-        "node = \"foo\"\nnats_tls_ca = \"/nonexistent/ca.pem\"\n",
-    )
-    .expect("write");
-    let (code, _, stderr) =
-        run(clean_command().args(["check-config", "--config", file.to_str().expect("path")]));
-    assert_eq!(code, Some(2));
+    let stderr = check_config_refuses("node = \"foo\"\nnats_tls_ca = \"/nonexistent/ca.pem\"\n");
     assert!(
         stderr.contains("invalid configuration: nats_tls_ca")
             && stderr.contains("/nonexistent/ca.pem"),
         "{stderr}"
     );
 
-    std::fs::write(
-        &file,
-        "nats_token = \"t\"\nnats_user = \"u\"\nnats_password = \"p\"\n",
-    )
-    .expect("write");
-    let (code, _, stderr) =
-        run(clean_command().args(["check-config", "--config", file.to_str().expect("path")]));
-    assert_eq!(code, Some(2));
+    let stderr =
+        check_config_refuses("nats_token = \"t\"\nnats_user = \"u\"\nnats_password = \"p\"\n");
     assert!(
         stderr.contains("choose one way to authenticate"),
         "{stderr}"
