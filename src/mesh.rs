@@ -446,7 +446,7 @@ impl Mesh {
         if connected {
             // Ready only once the server has the subscription: a request sent
             // the moment this returns reaches this node.
-            round_trip(&self.inner.client, self.inner.timeout, "subscribing").await;
+            confirm(&self.inner.client, self.inner.timeout, "subscribing").await;
         }
         info!(subject = %node_subject(node), connected, "serving on NATS");
         let client = self.inner.client.clone();
@@ -533,7 +533,7 @@ impl Mesh {
         }
         // The client's drain closes the connection soon after it is asked,
         // without waiting for the server: make sure the last replies are out.
-        round_trip(&self.inner.client, self.inner.timeout, "the last replies").await;
+        confirm(&self.inner.client, self.inner.timeout, "the last replies").await;
         match tokio::time::timeout(self.inner.timeout, self.inner.client.drain()).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => debug!(error = %err, "drain failed"),
@@ -710,7 +710,7 @@ impl Serving {
         // so from then on a request for this node gets "no responders" at once
         // instead of reaching a node that will not answer.
         if self.client.connection_state() == State::Connected {
-            round_trip(&self.client, self.timeout, "unsubscribing").await;
+            confirm(&self.client, self.timeout, "unsubscribing").await;
         }
         if let Err(err) = self.service.stop().await {
             debug!(error = %err, "stopping the service failed");
@@ -718,18 +718,27 @@ impl Serving {
     }
 }
 
-/// A round trip to the NATS server: when it returns, the server has processed
+/// A round trip to the NATS server: once it succeeds, the server has processed
 /// everything this client sent before (subscriptions, unsubscriptions, replies).
 /// `Client::flush` is not one: it only writes the client's buffer to the socket.
 ///
 /// It is a request to a fresh inbox nobody listens on; the server's "no
 /// responders" status comes back after it has handled all that came first.
-async fn round_trip(client: &Client, timeout: Duration, after: &str) {
-    let probe = async_nats::Request::new().timeout(Some(timeout.min(Duration::from_secs(2))));
+/// Anything else (a timeout, a closed connection) is the error.
+pub async fn round_trip(client: &Client, timeout: Duration) -> Result<(), String> {
+    let probe = async_nats::Request::new().timeout(Some(timeout));
     match client.send_request(client.new_inbox(), probe).await {
-        Err(err) if err.kind() == RequestErrorKind::NoResponders => {}
-        Ok(_) => debug!(after, "round trip answered by a subscriber"),
-        Err(err) => warn!(error = %err, after, "no round trip to the NATS server"),
+        Err(err) if err.kind() == RequestErrorKind::NoResponders => Ok(()),
+        Ok(_) => Err("a fresh inbox was answered".to_string()),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// [`round_trip`] for the node's own steps: a failure is logged, not fatal
+/// (the step it confirms has been sent; only its confirmation is missing).
+async fn confirm(client: &Client, timeout: Duration, after: &str) {
+    if let Err(error) = round_trip(client, timeout.min(Duration::from_secs(2))).await {
+        warn!(%error, after, "no round trip to the NATS server");
     }
 }
 
