@@ -147,7 +147,11 @@ impl RoutingTable {
 
     /// The node that owns `bucket`, if any entry covers its first byte.
     pub fn owner_of(&self, bucket: &str) -> Option<&str> {
-        let first = *bucket.as_bytes().first()?;
+        self.owner_of_byte(*bucket.as_bytes().first()?)
+    }
+
+    /// The node that owns the buckets starting with `first`, if any.
+    pub fn owner_of_byte(&self, first: u8) -> Option<&str> {
         match self.index[first as usize] {
             NO_ENTRY => None,
             i => Some(&self.entries[i as usize].1),
@@ -186,6 +190,9 @@ pub struct Router {
     registry: Registry,
     mesh: Option<Mesh>,
     max_hops: u32,
+    /// Whether this node owns the buckets starting with each byte, worked out
+    /// once so that a request's routing is one lookup, not a name comparison.
+    local: [bool; 256],
 }
 
 impl Router {
@@ -197,12 +204,14 @@ impl Router {
         mesh: Option<Mesh>,
         max_hops: u32,
     ) -> Self {
+        let local = std::array::from_fn(|b| table.owner_of_byte(b as u8) == Some(node));
         Self {
             node: Arc::from(node),
             table,
             registry,
             mesh,
             max_hops,
+            local,
         }
     }
 
@@ -217,9 +226,12 @@ impl Router {
         hops: u32,
     ) -> Result<Target<'_>, KvError> {
         let bucket = command.bucket();
-        match self.table.owner_of(bucket) {
+        let first = bucket.as_bytes().first().copied();
+        if first.is_some_and(|b| self.local[b as usize]) {
+            return Ok(Target::Local);
+        }
+        match first.and_then(|b| self.table.owner_of_byte(b)) {
             None => Err(KvError::no_route(bucket)),
-            Some(owner) if owner == &*self.node => Ok(Target::Local),
             Some(_) if hops >= self.max_hops => Err(KvError::routing_loop(bucket)),
             Some(owner) => Ok(Target::Remote(owner)),
         }
