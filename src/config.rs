@@ -50,6 +50,8 @@ pub struct Config {
     pub max_value_bytes: usize,
     /// Most TCP connections served at once.
     pub max_connections: usize,
+    /// Most buckets this node holds; a CREATE past it is refused.
+    pub max_buckets: usize,
     /// Close a TCP connection that sends nothing for this long; unset: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_secs: Option<u64>,
@@ -109,6 +111,7 @@ impl Default for Config {
             max_line_bytes: 1024 * 1024,
             max_value_bytes: 512 * 1024,
             max_connections: 10_000,
+            max_buckets: 1_000_000,
             idle_timeout_secs: None,
             routes: None,
             nats_user: None,
@@ -224,24 +227,39 @@ impl Config {
         if let Some(urls) = &self.nats_url {
             nats_servers(urls).map_err(|m| Invalid::at("nats_url", m))?;
         }
-        for (key, value, min) in [
-            ("request_timeout_ms", self.request_timeout_ms, 1),
-            ("max_hops", u64::from(self.max_hops), 1),
-            ("max_line_bytes", self.max_line_bytes as u64, 64),
-            ("max_value_bytes", self.max_value_bytes as u64, 1),
-            ("max_connections", self.max_connections as u64, 1),
-            ("idle_timeout_secs", self.idle_timeout_secs.unwrap_or(1), 1),
-        ] {
+        for &(key, min, max) in RANGES {
+            let value = self.numeric(key);
             if value < min {
                 return Err(Invalid::at(
                     key,
                     format!("must be at least {min}, not {value}"),
                 ));
             }
+            if value > max {
+                return Err(Invalid::at(
+                    key,
+                    format!("must be at most {max}, not {value}"),
+                ));
+            }
         }
         let table = self.routing_table()?;
         self.check_security()?;
         Ok(table)
+    }
+
+    /// The value of a numeric key of [`RANGES`] (an unset optional key counts
+    /// as its smallest allowed value).
+    fn numeric(&self, key: &str) -> u64 {
+        match key {
+            "request_timeout_ms" => self.request_timeout_ms,
+            "max_hops" => u64::from(self.max_hops),
+            "max_line_bytes" => self.max_line_bytes as u64,
+            "max_value_bytes" => self.max_value_bytes as u64,
+            "max_connections" => self.max_connections as u64,
+            "max_buckets" => self.max_buckets as u64,
+            "idle_timeout_secs" => self.idle_timeout_secs.unwrap_or(1),
+            _ => 0,
+        }
     }
 
     fn check_security(&self) -> Result<(), Invalid> {
@@ -344,6 +362,20 @@ impl Config {
     }
 }
 
+/// Every numeric key with its smallest and largest allowed value. The upper
+/// bounds keep each setting where the code that uses it stays correct (a
+/// semaphore's permits, a deadline that must not overflow) and are far above
+/// any sensible value.
+const RANGES: &[(&str, u64, u64)] = &[
+    ("request_timeout_ms", 1, 86_400_000),
+    ("max_hops", 1, 255),
+    ("max_line_bytes", 64, 1 << 30),
+    ("max_value_bytes", 1, 64 << 20),
+    ("max_connections", 1, 10_000_000),
+    ("max_buckets", 1, 1 << 32),
+    ("idle_timeout_secs", 1, 31_536_000),
+];
+
 /// Every key, in the order `check-config` shows them.
 const KEYS: &[&str] = &[
     "node",
@@ -354,6 +386,7 @@ const KEYS: &[&str] = &[
     "max_line_bytes",
     "max_value_bytes",
     "max_connections",
+    "max_buckets",
     "idle_timeout_secs",
     "nats_user",
     "nats_password",
@@ -455,9 +488,17 @@ pub fn nats_servers(urls: &str) -> Result<Vec<String>, String> {
         if server.is_empty() {
             return Err(format!("empty server address in {urls:?}"));
         }
+        // The NATS client would ignore them, and fail to authenticate forever.
+        if server.contains('@') {
+            return Err(format!(
+                "credentials in a server address ({}) are not used: \
+                 set nats_user and nats_password, or nats_token, instead",
+                redact_url(server)
+            ));
+        }
         server
             .parse::<async_nats::ServerAddr>()
-            .map_err(|e| format!("bad server address {server:?}: {e}"))?;
+            .map_err(|e| format!("bad server address {:?}: {e}", redact_url(server)))?;
     }
     Ok(servers)
 }

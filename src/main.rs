@@ -282,10 +282,13 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// SIGTERM and SIGINT, the two ways to ask a node to stop.
+/// SIGTERM and SIGINT, the two ways to ask a node to stop; and SIGHUP,
+/// which a closing terminal or a habit of "reload" sends, and which the node
+/// ignores (with a log line) instead of dying without a word.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -294,13 +297,21 @@ impl Signals {
         Ok(Self {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
+    /// Waits for a signal to stop.
     async fn recv(mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => tracing::info!(
+                    "SIGHUP received and ignored: the configuration is read only at start; \
+                     stop the node with SIGTERM"
+                ),
+            }
         }
     }
 }

@@ -95,7 +95,7 @@ impl Node {
         let router = Arc::new(Router::new(
             &config.node,
             table,
-            Registry::new(),
+            Registry::with_max_buckets(config.max_buckets),
             mesh.clone(),
             config.max_hops,
         ));

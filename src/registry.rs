@@ -17,8 +17,8 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 use parking_lot::RwLock;
@@ -59,10 +59,11 @@ impl Entry {
     }
 }
 
-/// A bucket: its keys spread over shards.
+/// A bucket: its keys spread over shards. The shards (2 KiB) come with the
+/// first key, so an empty bucket costs little more than its name.
 struct Bucket {
     hasher: DefaultHashBuilder,
-    shards: [Shard; SHARDS],
+    shards: OnceLock<Box<[Shard; SHARDS]>>,
 }
 
 /// One shard, alone on its cache lines: every read takes its lock, which
@@ -83,27 +84,43 @@ impl Bucket {
     fn new() -> Self {
         Self {
             hasher: DefaultHashBuilder::default(),
-            shards: std::array::from_fn(|_| Shard(RwLock::new(HashTable::new()))),
+            shards: OnceLock::new(),
         }
     }
 
     /// The key's hash and its shard (from the hash's top bits; the table uses
-    /// the low ones).
-    fn locate(&self, key: &[u8]) -> (u64, &RwLock<HashTable<Entry>>) {
+    /// the low ones), if the bucket has shards yet.
+    fn locate(&self, key: &[u8]) -> Option<(u64, &RwLock<HashTable<Entry>>)> {
+        let shards = self.shards.get()?;
+        Some(self.locate_in(shards, key))
+    }
+
+    fn locate_in<'s>(
+        &self,
+        shards: &'s [Shard; SHARDS],
+        key: &[u8],
+    ) -> (u64, &'s RwLock<HashTable<Entry>>) {
         let hash = self.hasher.hash_one(key);
         let shard = (hash >> (64 - SHARDS.trailing_zeros())) as usize;
-        (hash, &self.shards[shard])
+        (hash, &shards[shard])
     }
 
     fn get<R>(&self, key: &str, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
         let key = key.as_bytes();
-        let (hash, shard) = self.locate(key);
+        let Some((hash, shard)) = self.locate(key) else {
+            return f(None);
+        };
         let table = shard.read();
         f(table.find(hash, |e| e.is(key)).map(|e| e.value_after(key)))
     }
 
     fn put(&self, key: &str, value: &str) {
-        let (hash, shard) = self.locate(key.as_bytes());
+        let shards = self.shards.get_or_init(|| {
+            Box::new(std::array::from_fn(|_| {
+                Shard(RwLock::new(HashTable::new()))
+            }))
+        });
+        let (hash, shard) = self.locate_in(shards, key.as_bytes());
         let entry = Entry::new(key, value);
         let hasher = &self.hasher;
         let mut table = shard.write();
@@ -117,7 +134,9 @@ impl Bucket {
 
     fn delete(&self, key: &str) {
         let key = key.as_bytes();
-        let (hash, shard) = self.locate(key);
+        let Some((hash, shard)) = self.locate(key) else {
+            return;
+        };
         let mut table = shard.write();
         if let Ok(found) = table.find_entry(hash, |e| e.is(key)) {
             found.remove();
@@ -125,21 +144,40 @@ impl Bucket {
     }
 
     fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.read().len()).sum()
+        self.shards
+            .get()
+            .map_or(0, |shards| shards.iter().map(|s| s.read().len()).sum())
+    }
+
+    /// Frees every key, for a dropped bucket that a connection's cache may
+    /// still hold on to.
+    fn clear(&self) {
+        if let Some(shards) = self.shards.get() {
+            for shard in shards.iter() {
+                *shard.write() = HashTable::new();
+            }
+        }
     }
 }
 
 /// A handle to this node's buckets.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Registry {
     shared: Arc<Shared>,
 }
 
-#[derive(Default)]
 struct Shared {
     buckets: RwLock<HashMap<Box<str>, Arc<Bucket>, DefaultHashBuilder>>,
     /// Counts DROPs, so a [`BucketCache`] knows when its bucket may be gone.
     drops: AtomicU64,
+    /// The most buckets held at once.
+    max_buckets: usize,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// A connection's memory of the bucket it used last, so that a run of
@@ -150,9 +188,20 @@ struct Shared {
 pub struct BucketCache(Option<(Box<str>, Arc<Bucket>, u64)>);
 
 impl Registry {
-    /// An empty registry.
+    /// An empty registry without a limit on buckets.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_max_buckets(usize::MAX)
+    }
+
+    /// An empty registry holding at most `max_buckets` buckets.
+    pub fn with_max_buckets(max_buckets: usize) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                buckets: RwLock::default(),
+                drops: AtomicU64::new(0),
+                max_buckets,
+            }),
+        }
     }
 
     /// Executes a command on this node's buckets.
@@ -171,11 +220,13 @@ impl Registry {
         match command {
             Command::Create { bucket } => {
                 if !self.shared.buckets.read().contains_key(bucket) {
-                    self.shared
-                        .buckets
-                        .write()
-                        .entry(bucket.into())
-                        .or_insert_with(|| Arc::new(Bucket::new()));
+                    let mut buckets = self.shared.buckets.write();
+                    if !buckets.contains_key(bucket) {
+                        if buckets.len() >= self.shared.max_buckets {
+                            return Err(KvError::internal("too many buckets"));
+                        }
+                        buckets.insert(bucket.into(), Arc::new(Bucket::new()));
+                    }
                 }
                 Ok(Reply::Ok)
             }
@@ -195,7 +246,12 @@ impl Registry {
                 let removed = self.shared.buckets.write().remove(bucket);
                 self.shared.drops.fetch_add(1, Ordering::Release);
                 match removed {
-                    Some(_) => Ok(Reply::Ok),
+                    Some(dropped) => {
+                        // Its memory goes now, not when the last connection
+                        // that used it looks elsewhere.
+                        dropped.clear();
+                        Ok(Reply::Ok)
+                    }
                     None => Err(KvError::not_found(bucket)),
                 }
             }
@@ -279,6 +335,33 @@ mod tests {
             "DROP" => Command::Drop { bucket: w[1] },
             other => panic!("{other}"),
         }
+    }
+
+    #[test]
+    fn buckets_are_bounded_and_a_drop_frees_its_keys_at_once() {
+        let reg = Registry::with_max_buckets(2);
+        reg.apply(cmd("CREATE a")).unwrap();
+        reg.apply(cmd("CREATE b")).unwrap();
+        let err = reg.apply(cmd("CREATE c")).unwrap_err();
+        assert_eq!(err.message(), "too many buckets");
+        // An existing bucket can still be "created"; a dropped one makes room.
+        assert_eq!(reg.apply(cmd("CREATE a")), Ok(Reply::Ok));
+        let mut cache = BucketCache::default();
+        reg.apply_cached(cmd("PUT b k v"), &mut cache).unwrap();
+        assert_eq!(reg.key_count("b"), Ok(1));
+        let held = cache.0.as_ref().map(|(_, b, _)| b.clone()).unwrap();
+        reg.apply(cmd("DROP b")).unwrap();
+        assert_eq!(
+            held.len(),
+            0,
+            "the keys of a cached, dropped bucket are freed"
+        );
+        assert_eq!(reg.apply(cmd("CREATE c")), Ok(Reply::Ok));
+        assert_eq!(
+            reg.apply_cached(cmd("GET b k"), &mut cache)
+                .map_err(|e| e.code()),
+            Err(ErrorCode::NotFound)
+        );
     }
 
     #[test]

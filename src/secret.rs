@@ -35,16 +35,20 @@ impl Serialize for Secret {
     }
 }
 
-/// A server address with any password in it replaced, for logs.
+/// A server address with its whole user information (user, password or
+/// token) replaced, for logs: `nats://kv:pw@host` shows as
+/// `nats://(hidden)@host`, and so do a token, a password holding a raw `@`,
+/// and an address without a scheme.
 pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:(hidden)@{host}")
-            }
-            None => url.to_owned(),
-        },
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (&url[..scheme.len() + 3], rest),
+        None => ("", url),
+    };
+    // The authority ends at the first '/', '?' or '#'; the user information
+    // ends at its last '@' (a password may hold an unescaped one).
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}{HIDDEN}@{}", &rest[at + 1..]),
         None => url.to_owned(),
     }
 }
@@ -91,5 +95,25 @@ impl serde::de::Visitor<'_> for ScalarVisitor {
 
     fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
         Ok(v.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_form_of_user_information_is_hidden() {
+        for (url, shown) in [
+            ("nats://kv:pw@host:4222", "nats://(hidden)@host:4222"),
+            ("nats://TOKEN@host", "nats://(hidden)@host"),
+            ("nats://kv:p@ss@host:4222", "nats://(hidden)@host:4222"),
+            ("kv:pw@host:4222", "(hidden)@host:4222"),
+            ("tls://u:x@y@h/path@z", "tls://(hidden)@h/path@z"),
+            ("nats://host:4222", "nats://host:4222"),
+            ("host:4222", "host:4222"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
     }
 }

@@ -47,8 +47,13 @@ const OUT_MIN_ROOM: usize = 512;
 /// Answers (chunks or remote requests) owed per connection before it stops
 /// taking input: the bound on a connection's pipelined work.
 const QUEUE_DEPTH: usize = 64;
-/// Bytes waiting to be written before a connection stops taking input.
+/// Bytes of answers owed (formatted, not yet written) before a connection
+/// stops taking input. One answer may take it past the bound (a value is at
+/// most `max_value_bytes`), so a connection holds at most this plus one value.
 const OUT_LIMIT: usize = 256 * 1024;
+
+/// Input read after a shutdown began, to answer what clients sent before it.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 
 /// What the TCP front end needs to know besides the router.
 #[derive(Debug, Clone, Copy)]
@@ -140,6 +145,8 @@ enum Pending {
 struct Chunk {
     out: BytesMut,
     items: Vec<ChunkItem>,
+    /// Bytes of the `Ready` items.
+    held: usize,
     batches: Vec<(String, Vec<Command>)>,
 }
 
@@ -153,6 +160,7 @@ impl Chunk {
         Self {
             out: BytesMut::new(),
             items: Vec::new(),
+            held: 0,
             batches: Vec::new(),
         }
     }
@@ -172,6 +180,7 @@ impl Chunk {
     fn forward(&mut self, owner: &str, command: Command) -> bool {
         if !self.out.is_empty() {
             let ready = self.take_out();
+            self.held += ready.len();
             self.items.push(ChunkItem::Ready(ready));
         }
         let batch = match self.batches.iter().position(|(o, _)| o == owner) {
@@ -190,15 +199,21 @@ impl Chunk {
         commands.len() >= MAX_BATCH
     }
 
+    /// Bytes of answers formatted here.
+    fn bytes(&self) -> usize {
+        self.held + self.out.len()
+    }
+
     /// Publishes the batches and adds everything to the connection's queue,
     /// in order.
-    async fn flush(&mut self, router: &Router, queue: &mut VecDeque<Pending>) {
+    async fn flush(&mut self, router: &Router, queue: &mut Answers) {
         let mut answers = Vec::with_capacity(self.batches.len());
         for (owner, commands) in self.batches.drain(..) {
             answers.push(forward(router, &owner, commands).await);
         }
+        self.held = 0;
         for item in self.items.drain(..) {
-            queue.push_back(match item {
+            queue.push(match item {
                 ChunkItem::Ready(bytes) => Pending::Ready(bytes),
                 ChunkItem::Remote { batch, index } => {
                     Pending::Remote(answers[batch].clone(), index)
@@ -206,8 +221,34 @@ impl Chunk {
             });
         }
         if !self.out.is_empty() {
-            queue.push_back(Pending::Ready(self.take_out()));
+            let ready = self.take_out();
+            queue.push(Pending::Ready(ready));
         }
+    }
+}
+
+/// The answers a connection owes, in request order, and how many bytes of
+/// them are formatted already.
+#[derive(Default)]
+struct Answers {
+    items: VecDeque<Pending>,
+    bytes: usize,
+}
+
+impl Answers {
+    fn push(&mut self, item: Pending) {
+        if let Pending::Ready(bytes) = &item {
+            self.bytes += bytes.len();
+        }
+        self.items.push_back(item);
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
     }
 }
 
@@ -244,6 +285,9 @@ async fn serve(
 enum Reading {
     /// Still reading.
     Open,
+    /// Shutting down: answer what has been read and what the socket holds
+    /// already, without waiting for more.
+    Draining,
     /// End of input, shutdown or idle timeout: finish the answers, then close.
     Done,
     /// `QUIT`: finish the answers, say goodbye, close.
@@ -268,12 +312,14 @@ struct Connection<'r> {
     /// Answers of the input taken but not yet in `queue`.
     chunk: Chunk,
     /// Answers owed, in request order; the first may wait for another node.
-    queue: VecDeque<Pending>,
+    queue: Answers,
     /// Bytes whose turn has come, to be written.
     out: BytesMut,
     /// Whether `buf` may hold lines not yet framed.
     unframed: bool,
     at_eof: bool,
+    /// Bytes read since the shutdown began.
+    drained: usize,
     reading: Reading,
 }
 
@@ -286,10 +332,11 @@ impl<'r> Connection<'r> {
             framer: Framer::new(limits.max_line_bytes),
             cache: BucketCache::default(),
             chunk: Chunk::new(),
-            queue: VecDeque::new(),
+            queue: Answers::default(),
             out: BytesMut::new(),
             unframed: false,
             at_eof: false,
+            drained: 0,
             reading: Reading::Open,
         }
     }
@@ -310,8 +357,33 @@ impl<'r> Connection<'r> {
         let idle_timer = tokio::time::sleep(idle.unwrap_or(Duration::MAX));
         tokio::pin!(idle_timer);
         loop {
-            if self.unframed && self.reading == Reading::Open && !self.backlogged() {
+            let taking = matches!(self.reading, Reading::Open | Reading::Draining);
+            if self.unframed && taking && !self.backlogged() {
                 self.take_input().await;
+                continue;
+            }
+            if self.reading == Reading::Draining && !self.backlogged() {
+                // What the client sent before the shutdown is answered too:
+                // read what has arrived (up to a bound, against a client that
+                // never stops), but never wait for more.
+                let before = self.buf.len();
+                let read = if self.drained < DRAIN_LIMIT {
+                    rd.read_buf(&mut self.buf).now_or_never()
+                } else {
+                    None
+                };
+                match read {
+                    Some(Ok(n)) if n > 0 => {
+                        self.drained += self.buf.len() - before;
+                        self.unframed = true;
+                    }
+                    Some(Ok(_)) => {
+                        self.at_eof = true;
+                        self.unframed = true;
+                    }
+                    Some(Err(err)) => return Err(err),
+                    None => self.reading = Reading::Done,
+                }
                 continue;
             }
             self.move_ready();
@@ -322,7 +394,7 @@ impl<'r> Connection<'r> {
                 }
                 return Ok(());
             }
-            let head_waits = matches!(self.queue.front(), Some(Pending::Remote(..)));
+            let head_waits = matches!(self.queue.items.front(), Some(Pending::Remote(..)));
             let may_read = self.reading == Reading::Open && !self.backlogged();
             tokio::select! {
                 biased;
@@ -345,20 +417,22 @@ impl<'r> Connection<'r> {
                     }
                 }
                 () = &mut cancelled, if self.reading == Reading::Open => {
-                    self.reading = Reading::Done;
+                    self.reading = Reading::Draining;
                 }
                 () = &mut idle_timer, if idle.is_some() && self.reading == Reading::Open => {
                     // Idle too long: say so, and close once earlier answers are out.
-                    self.queue.push_back(Pending::Ready(BytesMut::from(protocol::IDLE_TIMEOUT)));
+                    self.queue.push(Pending::Ready(BytesMut::from(protocol::IDLE_TIMEOUT)));
                     self.reading = Reading::Done;
                 }
             }
         }
     }
 
-    /// Too much owed or waiting to be written to take more input.
+    /// Too much owed or waiting to be written to take more input: counted in
+    /// answers, and in bytes of the answers already formatted.
     fn backlogged(&self) -> bool {
-        self.queue.len() >= QUEUE_DEPTH || self.out.len() >= OUT_LIMIT
+        self.queue.len() >= QUEUE_DEPTH
+            || self.out.len() + self.queue.bytes + self.chunk.bytes() >= OUT_LIMIT
     }
 
     /// Answers the complete lines in the buffer, until the backlog is full.
@@ -414,9 +488,10 @@ impl<'r> Connection<'r> {
 
     /// Moves the answers whose turn has come from the queue to `out`.
     fn move_ready(&mut self) {
-        while let Some(front) = self.queue.front_mut() {
+        while let Some(front) = self.queue.items.front_mut() {
             match front {
                 Pending::Ready(bytes) => {
+                    self.queue.bytes -= bytes.len();
                     if self.out.is_empty() {
                         std::mem::swap(&mut self.out, bytes);
                     } else {
@@ -435,14 +510,14 @@ impl<'r> Connection<'r> {
                     None => return,
                 },
             }
-            self.queue.pop_front();
+            self.queue.items.pop_front();
         }
     }
 }
 
 /// Waits until the answers the queue's first item needs are in.
-async fn wait_head(queue: &mut VecDeque<Pending>) {
-    if let Some(Pending::Remote(answers, _)) = queue.front_mut() {
+async fn wait_head(queue: &mut Answers) {
+    if let Some(Pending::Remote(answers, _)) = queue.items.front_mut() {
         // A clone polls the same shared result; the item keeps its own.
         answers.clone().await;
     }

@@ -224,3 +224,66 @@ async fn random_bytes_get_answers_or_a_clean_close_and_the_node_lives_on() {
     let mut c = LineClient::connect(p.addr).await;
     c.exchange("PING", "PONG\r\n").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_large_answers_are_bounded_by_bytes() {
+    let _heavy = heavy().await;
+    let p = spawn_kvmesh(&[]);
+    let mut setup = LineClient::connect(p.addr).await;
+    setup.exchange("CREATE b", "OK\r\n").await;
+    let value = "v".repeat(512 * 1024);
+    setup.exchange(&format!("PUT b k {value}"), "OK\r\n").await;
+    let before = rss_kib(p.child.id());
+    // Forty connections each pipeline 200 GETs of a 512 KiB value (100 MiB
+    // of answers each) and never read.
+    let mut floods = Vec::new();
+    for _ in 0..40 {
+        let mut s = tokio::net::TcpStream::connect(p.addr)
+            .await
+            .expect("connect");
+        s.write_all("GET b k\r\n".repeat(200).as_bytes())
+            .await
+            .expect("write");
+        floods.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    setup.exchange("PING", "PONG\r\n").await;
+    let after = rss_kib(p.child.id());
+    assert!(before > 0 && after > 0, "resident memory must be readable");
+    // About one OUT_LIMIT plus one answer per connection: a few MiB each, not
+    // the 32 MiB that 64 owed answers of 512 KiB would take.
+    assert!(
+        after < before + 40 * 4 * 1024,
+        "memory grew from {before} KiB to {after} KiB for 40 clients that never read"
+    );
+    drop(floods);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_buckets_are_cheap_and_bounded_in_number() {
+    let _heavy = heavy().await;
+    let mut cmd = clean_command();
+    cmd.env("KVMESH_MAX_BUCKETS", "100000");
+    let p = spawn_kvmesh_with(cmd, &[]);
+    let mut c = LineClient::connect(p.addr).await;
+    let before = rss_kib(p.child.id());
+    let creates: String = (0..100_000).map(|i| format!("CREATE b{i}\r\n")).collect();
+    c.send(&creates).await;
+    let all_ok = "OK\r\n".repeat(100_000);
+    c.expect(&all_ok).await;
+    c.exchange("CREATE one-too-many", "ERROR too many buckets\r\n")
+        .await;
+    let full = rss_kib(p.child.id());
+    assert!(before > 0 && full > 0, "resident memory must be readable");
+    assert!(
+        full < before + 50 * 1024,
+        "100,000 empty buckets took {} KiB",
+        full - before
+    );
+    // A DROP makes room (that it frees the keys at once, even while a
+    // connection holds the bucket, is the registry's unit test).
+    c.exchange("PUT b0 k v", "OK\r\n").await;
+    c.exchange("DROP b0", "OK\r\n").await;
+    c.exchange("CREATE one-too-many", "OK\r\n").await;
+    c.exchange("GET b0 k1", "NOT FOUND\r\n").await;
+}

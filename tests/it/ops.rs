@@ -78,7 +78,7 @@ fn check_config_shows_each_value_and_its_source_and_hides_secrets() {
             "127.0.0.1:5999",
         ])
         .env("KVMESH_REQUEST_TIMEOUT_MS", "750")
-        .env("KVMESH_NATS_URL", "nats://kv:pa55word@127.0.0.1:4222"));
+        .env("KVMESH_NATS_URL", "nats://127.0.0.1:4222"));
     assert_eq!(code, Some(0), "{stderr}");
     let file = file.display().to_string();
     for line in [
@@ -88,18 +88,69 @@ fn check_config_shows_each_value_and_its_source_and_hides_secrets() {
         "request_timeout_ms = 750  # environment variable KVMESH_REQUEST_TIMEOUT_MS".to_string(),
         "max_connections = 10000  # built-in default".to_string(),
         format!("nats_token = \"(hidden)\"  # file {file}"),
-        "nats_url = \"nats://kv:(hidden)@127.0.0.1:4222\"  # environment variable KVMESH_NATS_URL"
-            .to_string(),
+        "nats_url = \"nats://127.0.0.1:4222\"  # environment variable KVMESH_NATS_URL".to_string(),
+        "max_buckets = 1000000  # built-in default".to_string(),
     ] {
         assert!(
             stdout.lines().any(|l| l == line),
             "missing {line:?} in:\n{stdout}"
         );
     }
-    assert!(
-        !stdout.contains("tok-from-file-123") && !stdout.contains("pa55word"),
-        "{stdout}"
-    );
+    assert!(!stdout.contains("tok-from-file-123"), "{stdout}");
+}
+
+#[test]
+fn credentials_in_a_nats_url_are_refused_without_showing_them() {
+    for url in [
+        "nats://kv:pa55word@127.0.0.1:4222",
+        "nats://pa55word@127.0.0.1:4222",
+        "nats://kv:pa55@word@127.0.0.1:4222",
+        "kv:pa55word@127.0.0.1:4222",
+        "nats://127.0.0.1:4223,nats://pa55word@127.0.0.1:4222",
+    ] {
+        for args in [&["check-config"][..], &[][..]] {
+            let (code, stdout, stderr) =
+                run(clean_command()
+                    .args(args)
+                    .args(["--nats-url", url, "--node", "foo"]));
+            assert_eq!(code, Some(2), "{url}: {stderr}");
+            assert!(stdout.is_empty(), "{stdout}");
+            assert!(
+                stderr.contains("invalid configuration: nats_url")
+                    && stderr.contains("(hidden)@127.0.0.1:4222")
+                    && stderr.contains("set nats_user and nats_password, or nats_token"),
+                "{url}: {stderr}"
+            );
+            assert!(!stderr.contains("pa55"), "{url}: {stderr}");
+        }
+    }
+}
+
+#[test]
+fn out_of_range_numbers_are_refused_naming_the_key() {
+    for (key, value) in [
+        ("max_connections", "2305843009213693952"),
+        ("idle_timeout_secs", "9223372036854775807"),
+        ("request_timeout_ms", "9223372036854775807"),
+        ("max_hops", "4294967295"),
+        ("max_line_bytes", "9223372036854775807"),
+        ("max_value_bytes", "9223372036854775807"),
+        ("max_buckets", "0"),
+    ] {
+        let stderr = check_config_refuses(&format!("{key} = {value}\n"));
+        assert!(
+            stderr.contains(&format!("invalid configuration: {key}")),
+            "{key}: {stderr}"
+        );
+        // The node itself refuses it the same way, before it starts.
+        let (code, _, stderr) =
+            run(clean_command().env(format!("KVMESH_{}", key.to_uppercase()), value));
+        assert_eq!(code, Some(2), "{key}: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid configuration: {key}")),
+            "{key}: {stderr}"
+        );
+    }
 }
 
 /// Runs `check-config` on a file holding `toml`; asserts it is refused with

@@ -1,6 +1,7 @@
 //! The built binary: what only a process shows (signals, exit codes, config errors).
 
 use std::process::Command;
+use std::time::Duration;
 
 use crate::harness::*;
 
@@ -11,6 +12,63 @@ async fn sigterm_stops_the_node_with_exit_status_zero() {
     c.exchange("CREATE x", "OK\r\n").await;
     assert_eq!(p.stop_with("-TERM"), Some(0));
     c.expect_eof().await;
+}
+
+#[tokio::test]
+async fn sighup_is_ignored_with_a_log_line() {
+    let mut p = spawn_kvmesh(&[]);
+    let mut c = LineClient::connect(p.addr).await;
+    c.exchange("CREATE x", "OK\r\n").await;
+    let status = Command::new("kill")
+        .args(["-HUP", &p.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    p.wait_for_log("SIGHUP received and ignored", 1);
+    assert!(
+        p.child.try_wait().expect("try_wait").is_none(),
+        "still running"
+    );
+    c.exchange("GET x k", "\r\nOK\r\n").await;
+    assert_eq!(p.stop_with("-TERM"), Some(0));
+}
+
+#[test]
+fn sigterm_answers_every_pipelined_request_already_sent() {
+    use std::io::{Read, Write};
+    let mut p = spawn_kvmesh(&[]);
+    let mut stream = std::net::TcpStream::connect(p.addr).expect("connect");
+    stream.set_read_timeout(Some(STEP)).expect("timeout");
+    let value = "v".repeat(100_000);
+    stream
+        .write_all(format!("CREATE x\r\nPUT x k {value}\r\n").as_bytes())
+        .expect("write");
+    let mut ok = [0u8; 8];
+    stream.read_exact(&mut ok).expect("read");
+    assert_eq!(&ok, b"OK\r\nOK\r\n");
+    // 200 GETs (20 MB of answers) sent and not read: the node answers until
+    // its bound on owed bytes, and holds the rest of the requests unanswered
+    // when the signal comes.
+    const N: usize = 200;
+    stream
+        .write_all("GET x k\r\n".repeat(N).as_bytes())
+        .expect("write");
+    std::thread::sleep(Duration::from_millis(300));
+    let status = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let mut answers = Vec::new();
+    stream.read_to_end(&mut answers).expect("read to the end");
+    let answer = format!("{value}\r\nOK\r\n");
+    assert_eq!(
+        answers.len() / answer.len(),
+        N,
+        "every request sent before the signal is answered"
+    );
+    assert_eq!(answers, answer.repeat(N).into_bytes());
+    assert_eq!(p.child.wait().expect("wait").code(), Some(0));
 }
 
 #[tokio::test]
