@@ -69,6 +69,12 @@ impl KvError {
         Self::new(ErrorCode::Timeout, format!("node {node} timed out"))
     }
 
+    /// A write was sent to `node`, but its answer was lost (the connection went
+    /// away, or the reply was unreadable): it may or may not have been applied.
+    pub fn outcome_unknown(node: &str) -> Self {
+        Self::new(ErrorCode::Timeout, format!("node {node} outcome unknown"))
+    }
+
     /// The request made `max_hops` hops and would need another.
     pub fn routing_loop(bucket: &str) -> Self {
         Self::new(ErrorCode::Loop, format!("routing loop for bucket {bucket}"))

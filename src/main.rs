@@ -195,10 +195,18 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let signal = signals.recv().await;
-        tracing::info!(signal, "signal received");
+        let status = tokio::select! {
+            signal = signals.recv() => {
+                tracing::info!(signal, "signal received");
+                ExitCode::SUCCESS
+            }
+            () = node.deposed() => {
+                tracing::error!("stopping: another process serves this node's name");
+                ExitCode::FAILURE
+            }
+        };
         node.shutdown().await;
-        ExitCode::SUCCESS
+        status
     })
 }
 

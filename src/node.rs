@@ -53,6 +53,9 @@ pub struct Node {
     tracker: TaskTracker,
     accept_loop: tokio::task::JoinHandle<()>,
     mesh: Option<(Mesh, Serving)>,
+    /// Cancelled when another process serving this node's name was found
+    /// first, and this one stopped serving.
+    deposed: CancellationToken,
 }
 
 impl Node {
@@ -126,8 +129,13 @@ impl Node {
             shutdown.clone(),
             tracker.clone(),
         ));
+        let deposed = match &mesh {
+            Some((_, serving)) => serving.deposed(),
+            None => CancellationToken::new(),
+        };
         info!(node = %config.node, %addr, "kvmesh node ready");
         Ok(Node {
+            deposed,
             name: config.node,
             addr,
             shutdown,
@@ -140,6 +148,13 @@ impl Node {
     /// The address the text front end listens on (the real port when 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Resolves when this node found another process serving its name since
+    /// before it started, and stopped serving that name; the node should
+    /// then be shut down.
+    pub async fn deposed(&self) {
+        self.deposed.cancelled().await;
     }
 
     /// Stops accepting (on TCP and NATS), lets the requests in flight finish

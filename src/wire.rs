@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::command::{Command, Limits, Reply, is_word, valid_node_name};
 use crate::error::{ErrorCode, KvError};
@@ -28,14 +29,20 @@ pub enum WireRequest {
     Batch(Vec<Result<Command, KvError>>),
 }
 
-/// Decodes a request body, applying the same limits as a TCP line.
+/// Decodes a request body, applying the same limits as a TCP line. The JSON is
+/// strict: a field given twice, a field that is not part of the request, or a
+/// field of the wrong type is a `bad_request`.
 pub fn decode_request(body: &[u8], limits: &Limits) -> Result<WireRequest, KvError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| KvError::bad_request(format!("malformed JSON: {e}")))?;
-    if value.get("op").and_then(Value::as_str) == Some("batch") {
-        let Some(Value::Array(items)) = value.get("requests") else {
-            return Err(KvError::bad_request("a batch needs a \"requests\" array"));
-        };
+    let fields = fields_of(body)?;
+    if fields.op.as_ref().and_then(Value::as_str) == Some("batch") {
+        if let Some(name) = fields.single_only() {
+            return Err(unexpected(name, "batch"));
+        }
+        let items: Vec<&RawValue> = fields
+            .requests
+            .as_deref()
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+            .ok_or_else(|| KvError::bad_request("a batch needs a \"requests\" array"))?;
         if items.len() > MAX_BATCH_MEMBERS {
             return Err(KvError::bad_request(format!(
                 "a batch holds at most {MAX_BATCH_MEMBERS} requests"
@@ -44,35 +51,143 @@ pub fn decode_request(body: &[u8], limits: &Limits) -> Result<WireRequest, KvErr
         let members = items
             .iter()
             .map(|item| {
-                if item.get("op").and_then(Value::as_str) == Some("batch") {
+                let fields = fields_of(item.get().as_bytes())?;
+                if fields.op.as_ref().and_then(Value::as_str) == Some("batch") {
                     return Err(KvError::bad_request("a batch cannot hold a batch"));
                 }
-                decode_command(item.clone(), limits)
+                command_of(fields, limits)
             })
             .collect();
         return Ok(WireRequest::Batch(members));
     }
-    decode_command(value, limits).map(WireRequest::Single)
+    command_of(fields, limits).map(WireRequest::Single)
 }
 
-fn decode_command(value: Value, limits: &Limits) -> Result<Command, KvError> {
-    let Value::Object(fields) = &value else {
-        return Err(KvError::bad_request("a request must be a JSON object"));
-    };
-    match fields.get("op") {
-        None => return Err(KvError::bad_request("missing field `op`")),
-        Some(Value::String(op))
-            if !["create", "put", "get", "delete", "drop", "where"].contains(&op.as_str()) =>
-        {
-            return Err(KvError::bad_request(format!("unknown op {op:?}")));
-        }
-        Some(Value::String(_)) => {}
-        Some(_) => return Err(KvError::bad_request("field `op` must be a string")),
+/// Every field a request may have. Decoding into it (not into a JSON value,
+/// which would keep the last of two equal keys) refuses duplicates and
+/// unknown fields.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fields {
+    #[serde(default, deserialize_with = "given")]
+    op: Option<Value>,
+    #[serde(default, deserialize_with = "given")]
+    bucket: Option<Value>,
+    #[serde(default, deserialize_with = "given")]
+    key: Option<Value>,
+    #[serde(default, deserialize_with = "given")]
+    value: Option<Value>,
+    requests: Option<Box<RawValue>>,
+}
+
+/// A field that is given, even as `null`, is `Some` (and then has the wrong type).
+fn given<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+impl Fields {
+    /// The first field given that only a single request may have.
+    fn single_only(&self) -> Option<&'static str> {
+        [
+            ("bucket", self.bucket.is_some()),
+            ("key", self.key.is_some()),
+            ("value", self.value.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(name, set)| set.then_some(name))
     }
-    let command: Command =
-        serde_json::from_value(value).map_err(|e| KvError::bad_request(e.to_string()))?;
+}
+
+fn fields_of(body: &[u8]) -> Result<Fields, KvError> {
+    // A body that is valid JSON but not an object gets its own message.
+    let trimmed = body.trim_ascii_start();
+    if !trimmed.is_empty() && trimmed[0] != b'{' && serde_json::from_slice::<Value>(body).is_ok() {
+        return Err(KvError::bad_request("a request must be a JSON object"));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let text = e.to_string();
+        if e.is_syntax() || e.is_eof() {
+            KvError::bad_request(format!("malformed JSON: {text}"))
+        } else {
+            KvError::bad_request(text)
+        }
+    })
+}
+
+fn command_of(fields: Fields, limits: &Limits) -> Result<Command, KvError> {
+    let op = match fields.op {
+        None => return Err(KvError::bad_request("missing field `op`")),
+        Some(Value::String(op)) => op,
+        Some(_) => return Err(KvError::bad_request("field `op` must be a string")),
+    };
+    if fields.requests.is_some() {
+        return Err(unexpected("requests", &op));
+    }
+    let mut bucket = Field::new("bucket", fields.bucket);
+    let mut key = Field::new("key", fields.key);
+    let mut value = Field::new("value", fields.value);
+    let command = match op.as_str() {
+        "create" => Command::Create {
+            bucket: bucket.take()?,
+        },
+        "put" => Command::Put {
+            bucket: bucket.take()?,
+            key: key.take()?,
+            value: value.take()?,
+        },
+        "get" => Command::Get {
+            bucket: bucket.take()?,
+            key: key.take()?,
+        },
+        "delete" => Command::Delete {
+            bucket: bucket.take()?,
+            key: key.take()?,
+        },
+        "drop" => Command::Drop {
+            bucket: bucket.take()?,
+        },
+        "where" => Command::Where {
+            bucket: bucket.take()?,
+        },
+        _ => return Err(KvError::bad_request(format!("unknown op {op:?}"))),
+    };
+    for field in [bucket, key, value] {
+        if field.value.is_some() {
+            return Err(unexpected(field.name, &op));
+        }
+    }
     limits.validate(&command)?;
     Ok(command)
+}
+
+/// One string field of a request, taken once by the op that needs it.
+struct Field {
+    name: &'static str,
+    value: Option<Value>,
+}
+
+impl Field {
+    fn new(name: &'static str, value: Option<Value>) -> Self {
+        Self { name, value }
+    }
+
+    fn take(&mut self) -> Result<String, KvError> {
+        match self.value.take() {
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(KvError::bad_request(format!(
+                "field `{}` must be a string",
+                self.name
+            ))),
+            None => Err(KvError::bad_request(format!(
+                "missing field `{}`",
+                self.name
+            ))),
+        }
+    }
+}
+
+fn unexpected(field: &str, op: &str) -> KvError {
+    KvError::bad_request(format!("unexpected field `{field}` for op {op:?}"))
 }
 
 /// Encodes a request body.
@@ -81,18 +196,20 @@ pub fn encode_request<S: AsRef<str> + Serialize>(command: &Command<S>) -> Vec<u8
     serde_json::to_vec(command).unwrap_or_default()
 }
 
-/// Encodes a batch of requests for one node.
-pub fn encode_batch(commands: &[Command]) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Batch<'a> {
-        op: &'static str,
-        requests: &'a [Command],
+/// Joins encoded requests into one batch body.
+pub fn join_batch(parts: &[Vec<u8>]) -> Vec<u8> {
+    const OPEN: &[u8] = br#"{"op":"batch","requests":["#;
+    let len = parts.iter().map(|p| p.len() + 1).sum::<usize>();
+    let mut body = Vec::with_capacity(OPEN.len() + len + 2);
+    body.extend_from_slice(OPEN);
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(part);
     }
-    serde_json::to_vec(&Batch {
-        op: "batch",
-        requests: commands,
-    })
-    .unwrap_or_default()
+    body.extend_from_slice(b"]}");
+    body
 }
 
 /// The reply object, both ways. `value` distinguishes absent (not a GET) from
@@ -163,42 +280,6 @@ pub fn encode_batch_reply(results: &[Result<Reply, KvError>]) -> Vec<u8> {
     serde_json::to_vec(&reply).unwrap_or_default()
 }
 
-/// Encodes a batch reply that fits in `max` bytes: while it does not, the
-/// largest answer is replaced by a `reply too large for NATS` error, so each
-/// other member still gets its own answer. Each member is encoded once.
-pub fn encode_batch_reply_within(results: &[Result<Reply, KvError>], max: usize) -> Vec<u8> {
-    let mut parts: Vec<Vec<u8>> = results.iter().map(encode_reply).collect();
-    // `{"ok":true,"replies":[` + parts joined by commas + `]}`
-    let frame = br#"{"ok":true,"replies":[]}"#.len();
-    let mut total =
-        frame + parts.iter().map(Vec::len).sum::<usize>() + parts.len().saturating_sub(1);
-    let too_large = encode_reply(&Err(KvError::internal("reply too large for NATS")));
-    while total > max {
-        let Some((i, len)) = parts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i, p.len()))
-            .filter(|(_, len)| *len > too_large.len())
-            .max_by_key(|(_, len)| *len)
-        else {
-            // Every answer is already as small as an error: nothing left to shrink.
-            break;
-        };
-        total = total - len + too_large.len();
-        parts[i] = too_large.clone();
-    }
-    let mut body = Vec::with_capacity(total);
-    body.extend_from_slice(br#"{"ok":true,"replies":["#);
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(part);
-    }
-    body.extend_from_slice(b"]}");
-    body
-}
-
 /// The most requests one batch may hold.
 pub const MAX_BATCH_MEMBERS: usize = 1024;
 
@@ -213,37 +294,47 @@ pub fn decode_reply(command: &Command, body: &[u8]) -> Result<Result<Reply, KvEr
     check_reply(command, reply)
 }
 
-/// Decodes the reply to a batch of `commands`.
-pub fn decode_batch_reply(
-    commands: &[Command],
-    body: &[u8],
-) -> Result<Vec<Result<Reply, KvError>>, BadReply> {
+/// One message of the reply to a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchReply {
+    /// The whole batch failed before any member ran (say, a routing loop on
+    /// the way): every member still waiting gets this error.
+    Failed(KvError),
+    /// The answers to the next members, in order: all of them, or the first
+    /// few when the reply comes in several messages. A member's answer that
+    /// is malformed or unsafe to show is a [`BadReply`] of its own.
+    Replies(Vec<Result<Result<Reply, KvError>, BadReply>>),
+}
+
+/// Decodes one message of the reply to a batch whose members still waiting
+/// for an answer are `commands`.
+pub fn decode_batch_reply(commands: &[Command], body: &[u8]) -> Result<BatchReply, BadReply> {
     let reply: WireReply = serde_json::from_slice(body).map_err(|_| BadReply)?;
     if !reply.ok {
-        // The whole batch failed before any member ran (say, a routing loop on
-        // the way): every member gets that error.
         let first = commands.first().ok_or(BadReply)?;
         let err = check_reply(first, reply)?.err().ok_or(BadReply)?;
-        return Ok(commands.iter().map(|_| Err(err.clone())).collect());
+        return Ok(BatchReply::Failed(err));
     }
     let replies = reply.replies.ok_or(BadReply)?;
-    if replies.len() != commands.len() {
+    if replies.is_empty() || replies.len() > commands.len() {
         return Err(BadReply);
     }
-    commands
-        .iter()
-        .zip(replies)
-        .map(|(c, r)| check_reply(c, r))
-        .collect()
+    Ok(BatchReply::Replies(
+        commands
+            .iter()
+            .zip(replies)
+            .map(|(c, r)| check_reply(c, r))
+            .collect(),
+    ))
 }
 
 fn check_reply(command: &Command, reply: WireReply) -> Result<Result<Reply, KvError>, BadReply> {
     if !reply.ok {
         let code = reply.error.ok_or(BadReply)?;
         let message = reply.message.ok_or(BadReply)?;
-        if message.is_empty()
-            || message.len() > MAX_MESSAGE_BYTES
-            || message.chars().any(char::is_control)
+        // An error names what the client sent (a bucket may hold control
+        // characters), so only a line break could harm the client's screen.
+        if message.is_empty() || message.len() > MAX_MESSAGE_BYTES || message.contains(['\r', '\n'])
         {
             return Err(BadReply);
         }
@@ -374,9 +465,13 @@ mod tests {
             "unknown op \"GET\""
         );
         assert!(bad(r#"{"op":"get","bucket":"b"}"#).contains("missing field `key`"));
-        assert!(bad(r#"{"op":"create","bucket":5}"#).contains("invalid type"));
-        assert!(
-            bad(r#"{"op":"put","bucket":"b","key":"k","value":null}"#).contains("invalid type")
+        assert_eq!(
+            bad(r#"{"op":"create","bucket":5}"#),
+            "field `bucket` must be a string"
+        );
+        assert_eq!(
+            bad(r#"{"op":"put","bucket":"b","key":"k","value":null}"#),
+            "field `value` must be a string"
         );
         assert_eq!(
             bad(r#"{"op":"put","bucket":"b","key":"k","value":"a\r\nOK"}"#),
@@ -482,15 +577,17 @@ mod tests {
         let results = vec![Ok(Reply::Value(None)), Err(KvError::not_found("b"))];
         assert_eq!(
             decode_batch_reply(&commands, &encode_batch_reply(&results)),
-            Ok(results)
+            Ok(BatchReply::Replies(results.into_iter().map(Ok).collect()))
+        );
+        // The first part of a reply in several messages.
+        assert_eq!(
+            decode_batch_reply(&commands, &encode_batch_reply(&[Ok(Reply::Value(None))])),
+            Ok(BatchReply::Replies(vec![Ok(Ok(Reply::Value(None)))]))
         );
         let whole = encode_reply(&Err(KvError::routing_loop("b")));
         assert_eq!(
             decode_batch_reply(&commands, &whole),
-            Ok(vec![
-                Err(KvError::routing_loop("b")),
-                Err(KvError::routing_loop("b"))
-            ])
+            Ok(BatchReply::Failed(KvError::routing_loop("b")))
         );
     }
 
@@ -519,57 +616,91 @@ mod tests {
                 "{body}"
             );
         }
-        let commands = vec![get.clone(), get.clone()];
+        let commands = vec![get.clone()];
+        for body in [
+            r#"{"ok":true,"replies":[{"ok":true,"value":null},{"ok":true,"value":null}]}"#,
+            r#"{"ok":true,"replies":[]}"#,
+            r#"{"ok":true}"#,
+        ] {
+            assert_eq!(
+                decode_batch_reply(&commands, body.as_bytes()),
+                Err(BadReply),
+                "{body}"
+            );
+        }
+        // One bad member fails alone.
+        let commands = vec![get.clone(), get.clone(), get.clone()];
         assert_eq!(
             decode_batch_reply(
                 &commands,
-                br#"{"ok":true,"replies":[{"ok":true,"value":null}]}"#
+                br#"{"ok":true,"replies":[{"ok":true,"value":"a"},{"ok":true,"value":"a\r\nOK"},{"ok":false,"error":"not_found","message":"bucket z\u0001 not found"}]}"#
             ),
-            Err(BadReply)
+            Ok(BatchReply::Replies(vec![
+                Ok(Ok(Reply::Value(Some("a".into())))),
+                Err(BadReply),
+                Ok(Err(KvError::not_found("z\u{1}")))
+            ]))
         );
     }
 
     #[test]
-    fn a_batch_reply_is_kept_under_the_payload_limit() {
-        let big = |n: usize| Ok(Reply::Value(Some("v".repeat(n))));
-        let results = vec![
-            big(300),
-            Ok(Reply::Ok),
-            big(500),
-            big(100),
-            Err(KvError::not_found("b")),
-        ];
-        let whole = encode_batch_reply(&results);
-        assert_eq!(
-            encode_batch_reply_within(&results, whole.len()),
-            whole,
-            "fits: unchanged"
+    fn strict_json_refuses_duplicates_unknown_and_misplaced_fields() {
+        for (body, want) in [
+            (
+                r#"{"op":"get","bucket":"b","key":"k","op":"put","value":"v"}"#,
+                "duplicate field `op`",
+            ),
+            (
+                r#"{"op":"get","bucket":"b","key":"k","key":"j"}"#,
+                "duplicate field `key`",
+            ),
+            (
+                r#"{"op":"get","bucket":"b","key":"k","ttl":5}"#,
+                "unknown field `ttl`",
+            ),
+            (
+                r#"{"op":"create","bucket":"b","key":"k"}"#,
+                "unexpected field `key` for op \"create\"",
+            ),
+            (
+                r#"{"op":"get","bucket":"b","key":"k","requests":[]}"#,
+                "unexpected field `requests` for op \"get\"",
+            ),
+            (
+                r#"{"op":"batch","bucket":"b","requests":[]}"#,
+                "unexpected field `bucket` for op \"batch\"",
+            ),
+            (
+                r#"{"op":"get","bucket":5,"key":"k"}"#,
+                "field `bucket` must be a string",
+            ),
+        ] {
+            let got = bad(body);
+            assert!(got.contains(want), "{body}: {got}");
+        }
+        // Inside a batch, each member is held to the same rules, alone.
+        let body = r#"{"op":"batch","requests":[{"op":"where","bucket":"b","bucket":"c"},{"op":"where","bucket":"b"}]}"#;
+        let Ok(WireRequest::Batch(members)) = decode_request(body.as_bytes(), &LIMITS) else {
+            panic!("a batch");
+        };
+        assert!(
+            members[0]
+                .as_ref()
+                .unwrap_err()
+                .message()
+                .contains("duplicate field")
         );
-        let trimmed = encode_batch_reply_within(&results, whole.len() - 1);
+        assert_eq!(members[1], Ok(Command::Where { bucket: "b".into() }));
+    }
+
+    #[test]
+    fn a_batch_body_joins_its_requests() {
         let (get, put, _) = get_put_where();
-        let commands = vec![get.clone(), put, get.clone(), get.clone(), get.clone()];
-        let decoded = decode_batch_reply(&commands, &trimmed).expect("valid reply");
-        // The largest value gave way; the others are intact.
+        let parts = vec![encode_request(&get), encode_request(&put)];
+        let body = join_batch(&parts);
         assert_eq!(
-            decoded[2],
-            Err(KvError::internal("reply too large for NATS"))
-        );
-        assert_eq!(decoded[0], big(300));
-        assert_eq!(decoded[3], big(100));
-        assert_eq!(decoded[4], Err(KvError::not_found("b")));
-        // Nothing fits: every value gave way, the small answers stay.
-        let tiny = encode_batch_reply_within(&results, 10);
-        let decoded = decode_batch_reply(&commands, &tiny).expect("valid reply");
-        let too_large = Err(KvError::internal("reply too large for NATS"));
-        assert_eq!(
-            decoded,
-            vec![
-                too_large.clone(),
-                Ok(Reply::Ok),
-                too_large.clone(),
-                too_large,
-                Err(KvError::not_found("b"))
-            ]
+            decode_request(&body, &LIMITS),
+            Ok(WireRequest::Batch(vec![Ok(get), Ok(put)]))
         );
     }
 

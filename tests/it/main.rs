@@ -4,6 +4,7 @@ mod harness;
 mod hostile;
 mod nats;
 
+mod batching;
 mod bench;
 mod chaos;
 mod mesh;

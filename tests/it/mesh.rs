@@ -302,10 +302,22 @@ async fn malformed_nats_requests_get_bad_request_and_harm_nothing() {
             "unknown op \"explode\"",
         ),
         (br#"{"op":"get","bucket":"apple"}"#, "missing field `key`"),
-        (br#"{"op":"get","bucket":"apple","key":7}"#, "invalid type"),
+        (
+            br#"{"op":"get","bucket":"apple","key":7}"#,
+            "field `key` must be a string",
+        ),
         (
             br#"{"op":"put","bucket":"apple","key":"k","value":["v"]}"#,
-            "invalid type",
+            "field `value` must be a string",
+        ),
+        // Strict: a key twice, or a key that is not part of the request.
+        (
+            br#"{"op":"get","bucket":"apple","key":"k","op":"put","value":"v"}"#,
+            "duplicate field `op`",
+        ),
+        (
+            br#"{"op":"get","bucket":"apple","key":"k","expire":"1s"}"#,
+            "unknown field `expire`",
         ),
         (
             br#"{"op":"put","bucket":"apple","key":"k","value":"a\r\nOK"}"#,
@@ -400,6 +412,19 @@ async fn the_hops_header_is_read_in_any_case() {
     // With fewer, foo forwards, and bar (not running) is unavailable.
     let unavailable = r#"{"ok":false,"error":"unavailable","message":"node bar unavailable"}"#;
     assert_eq!(ask("kv-HOPS", "2").await, unavailable);
+    // Two headers with different counts: the largest counts.
+    let mut headers = HeaderMap::new();
+    headers.insert("KV-Hops", "1");
+    headers.insert("kv-hops", "3");
+    let reply = client
+        .request_with_headers(
+            "kv.node.foo",
+            headers,
+            br#"{"op":"where","bucket":"zebra"}"#.to_vec().into(),
+        )
+        .await
+        .expect("reply");
+    assert_eq!(std::str::from_utf8(&reply.payload), Ok(looped));
     let bad = ask("KV-Hops", "lots").await;
     assert!(
         bad.contains("bad_request") && bad.contains("KV-Hops"),
@@ -578,12 +603,20 @@ async fn a_request_in_flight_when_nats_dies_fails_at_once() {
     let foo = start_node(config).await;
     let (_bar_client, mut requests) = silent_node(&nats.url(), "bar").await;
     let mut c = LineClient::connect(foo.local_addr()).await;
+    let mut w = LineClient::connect(foo.local_addr()).await;
     c.send("GET zebra k\r\nPING\r\n").await;
     within("request reaches bar", requests.next())
         .await
         .expect("a request");
+    w.send("PUT zebra k v\r\n").await;
+    within("request reaches bar", requests.next())
+        .await
+        .expect("a request");
     nats.kill();
+    // A read changed nothing; a write that reached the owner may have been
+    // stored, and says that its outcome is unknown rather than that it failed.
     c.expect("ERROR mesh unavailable\r\nPONG\r\n").await;
+    w.expect("ERROR node bar outcome unknown\r\n").await;
     c.exchange("WHERE apple", "foo\r\nOK\r\n").await;
     foo.shutdown().await;
 }
@@ -944,4 +977,103 @@ async fn a_node_warns_at_start_when_its_largest_value_cannot_travel() {
     let warning = p.wait_for_log("do not fit one NATS message", 1);
     assert!(warning[0].contains("max_payload=65536"), "{warning:?}");
     assert_eq!(p.stop_with("-TERM"), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passive_subscriber_does_not_block_a_start() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    // What the README suggests for watching the mesh: `nats sub 'kv.>'`.
+    let watcher = nats_client(&nats.url()).await;
+    let _sub = watcher.subscribe("kv.>").await.expect("subscribe");
+    let _queue = watcher
+        .queue_subscribe("kv.node.bar", "watchers".into())
+        .await
+        .expect("subscribe");
+    nats_round_trip(&watcher).await;
+    let (foo, bar) = foo_and_bar(&nats.url()).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("WHERE zebra", "bar\r\nOK\r\n").await;
+    foo.shutdown().await;
+    bar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_that_started_while_nats_was_down_stops_serving() {
+    let Some(mut nats) = NatsServer::start() else {
+        return;
+    };
+    let url = nats.url();
+    let (foo, bar) = foo_and_bar(&url).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("CREATE zebra", "OK\r\n").await;
+    c.exchange("PUT zebra k v", "OK\r\n").await;
+    nats.kill();
+    // A second bar starts while NATS is down: nothing can refuse it yet.
+    let second = start_node(mesh_config("bar", FOO_BAR, &url)).await;
+    nats.restart();
+    // Once both are back, the one that started later stops serving.
+    within("the second bar stops serving", second.deposed()).await;
+    // And every request reaches the first bar, which holds the data.
+    for _ in 0..50 {
+        c.eventually("GET zebra k", "v\r\nOK\r\n").await;
+    }
+    second.shutdown().await;
+    foo.shutdown().await;
+    bar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_owner_answers_the_requests_delivered_to_it() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let bar = start_node(mesh_config("bar", FOO_BAR, &nats.url())).await;
+    let client = nats_client(&nats.url()).await;
+    let inbox = client.new_inbox();
+    let mut replies = client
+        .subscribe(format!("{inbox}.*"))
+        .await
+        .expect("subscribe");
+    nats_round_trip(&client).await;
+    // 20,000 requests in flight when the owner is told to stop.
+    const N: usize = 20_000;
+    let body = br#"{"op":"where","bucket":"zebra"}"#;
+    let sender = {
+        let client = client.clone();
+        let inbox = inbox.clone();
+        tokio::spawn(async move {
+            for i in 0..N {
+                client
+                    .publish_with_reply("kv.node.bar", format!("{inbox}.{i}"), body.to_vec().into())
+                    .await
+                    .expect("publish");
+            }
+            client.flush().await.expect("flush");
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    bar.shutdown().await;
+    sender.await.expect("sender");
+    // Every request gets a reply at once: its answer, or "no responders"
+    // once the owner is gone; none waits for a timeout.
+    let mut answered = 0;
+    let mut refused = 0;
+    while answered + refused < N {
+        match tokio::time::timeout(Duration::from_secs(2), replies.next()).await {
+            Ok(Some(m)) if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) => refused += 1,
+            Ok(Some(m)) => {
+                assert_eq!(&m.payload[..], br#"{"ok":true,"node":"bar"}"#);
+                answered += 1;
+            }
+            _ => break,
+        }
+    }
+    eprintln!(
+        "answered {answered}, refused {refused}, missing {}",
+        N - answered - refused
+    );
+    assert!(answered > 0);
+    assert_eq!(answered + refused, N, "requests left without a reply");
 }

@@ -1,0 +1,193 @@
+//! The NATS side of a node, one job per file:
+//!
+//! - [`connect`]: joining NATS (addresses, security, reconnects, events);
+//! - [`forward`]: sending commands to their owner, one queue per owner, and
+//!   collecting the answers;
+//! - [`serve`]: answering `kv.node.<name>` for the other nodes, and making
+//!   sure no other process serves the same name;
+//! - [`service`]: the NATS service API entry (`nats micro ls|info|stats`);
+//! - this file: the [`Mesh`] handle they share, and stopping.
+//!
+//! Foreign failures are converted in these files only: async-nats's
+//! `NoResponders` becomes `node <owner> unavailable`, a timeout becomes
+//! `node <owner> timed out`, and a client that is not connected answers
+//! `mesh unavailable` at once instead of queueing the request until it times
+//! out. The serve loop does not know the router: `node.rs` hands it a
+//! [`Handler`]. The wire format is described in `docs/protocol.md`.
+
+mod connect;
+mod forward;
+mod serve;
+mod service;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use async_nats::client::RequestErrorKind;
+use async_nats::connection::State;
+use async_nats::{Client, Message};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+use crate::command::{Command, Reply};
+use crate::error::KvError;
+
+pub use connect::Security;
+pub use forward::{Answers, MAX_BATCH};
+pub use serve::Serving;
+
+/// The NATS service name every node registers under.
+pub const SERVICE_NAME: &str = "kvmesh";
+
+/// The subject node `node` serves.
+pub fn node_subject(node: &str) -> String {
+    format!("kv.node.{node}")
+}
+
+/// A command on its way: answered already, or forwarded with the answer to come.
+pub enum Started {
+    /// Run here (or refused): the result.
+    Done(Result<Reply, KvError>),
+    /// Queued for another node: its answer to come.
+    Forwarded(Pin<Box<dyn Future<Output = Result<Reply, KvError>> + Send>>),
+}
+
+impl Started {
+    /// The result, waiting for it if it comes from another node.
+    pub async fn finish(self) -> Result<Reply, KvError> {
+        match self {
+            Started::Done(result) => result,
+            Started::Forwarded(answer) => answer.await,
+        }
+    }
+}
+
+/// What runs a command that arrived over NATS (the router, in a node).
+pub trait Handler: Send + Sync + 'static {
+    /// Routes `command`, which has made `hops` hops so far: runs it here or
+    /// publishes it to its owner. Commands started one after the other take
+    /// effect in that order.
+    fn start(&self, command: Command, hops: u32) -> impl Future<Output = Started> + Send;
+}
+
+/// Why the mesh could not be joined.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// The server list or connection options were refused.
+    #[error("cannot connect to NATS: {0}")]
+    Connect(String),
+    /// Another process already serves this node's name.
+    #[error(
+        "another node named {0:?} is already serving kv.node.{0} on this NATS; \
+         each node needs its own name"
+    )]
+    DuplicateName(String),
+    /// The service API registration failed.
+    #[error("cannot register the NATS service: {0}")]
+    Service(String),
+}
+
+/// A node's connection to the mesh: cheap to clone.
+#[derive(Clone)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    timeout: Duration,
+    /// Replies come to `<inbox>.<id>`, one subscription for all requests.
+    inbox: String,
+    next_id: AtomicU64,
+    /// Requests waiting for their reply.
+    waiting: Arc<Waiting>,
+    /// One queue per owner, drained by that owner's forwarding task.
+    forwarders: Mutex<HashMap<String, mpsc::Sender<forward::Job>>>,
+    /// Counts the connections made to a server: a change means the client
+    /// has (re)connected.
+    connections: watch::Receiver<u64>,
+}
+
+/// Requests waiting for their reply, by id: where the reply's messages go (a
+/// large batch reply comes as several). A lock held for a map operation only,
+/// never across an `.await`.
+type Waiting = Mutex<HashMap<u64, mpsc::UnboundedSender<Message>>>;
+
+impl Mesh {
+    /// Whether the client is connected to a NATS server right now.
+    pub fn is_connected(&self) -> bool {
+        self.inner.client.connection_state() == State::Connected
+    }
+
+    /// The largest message the connected server takes.
+    fn max_payload(&self) -> usize {
+        self.inner.client.max_payload()
+    }
+
+    /// Warns when the largest value allowed would not fit one NATS message of
+    /// the server this node is connected to (its `max_payload`): such values
+    /// are still refused, one by one, with `ERROR value too large`.
+    pub fn check_value_limit(&self, max_value_bytes: usize) {
+        // A PUT's JSON around its value: op, bucket (255), key (1 KiB), quotes.
+        const ENVELOPE: usize = 1400;
+        if !self.is_connected() {
+            return;
+        }
+        let max_payload = self.max_payload();
+        if max_value_bytes + ENVELOPE > max_payload {
+            warn!(
+                max_value_bytes,
+                max_payload,
+                "values near max_value_bytes do not fit one NATS message; \
+                 PUTs of them for other nodes' buckets answer ERROR value too large"
+            );
+        }
+    }
+
+    /// Flushes what was sent and closes the connection. While disconnected there
+    /// is nothing to drain (and the client would wait for a server forever).
+    pub async fn drain(&self) {
+        // Closing the queues ends the forwarding tasks.
+        self.inner.forwarders.lock().clear();
+        if !self.is_connected() {
+            return;
+        }
+        // The client's drain closes the connection soon after it is asked,
+        // without waiting for the server: make sure the last replies are out.
+        confirm(&self.inner.client, self.inner.timeout, "the last replies").await;
+        match tokio::time::timeout(self.inner.timeout, self.inner.client.drain()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => debug!(error = %err, "drain failed"),
+            Err(_) => warn!("draining the NATS connection timed out"),
+        }
+    }
+}
+
+/// A round trip to the NATS server: once it succeeds, the server has processed
+/// everything this client sent before (subscriptions, unsubscriptions, replies).
+/// `Client::flush` is not one: it only writes the client's buffer to the socket.
+///
+/// It is a request to a fresh inbox nobody listens on; the server's "no
+/// responders" status comes back after it has handled all that came first.
+/// Anything else (a timeout, a closed connection) is the error.
+pub async fn round_trip(client: &Client, timeout: Duration) -> Result<(), String> {
+    let probe = async_nats::Request::new().timeout(Some(timeout));
+    match client.send_request(client.new_inbox(), probe).await {
+        Err(err) if err.kind() == RequestErrorKind::NoResponders => Ok(()),
+        Ok(_) => Err("a fresh inbox was answered".to_string()),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// [`round_trip`] for the node's own steps: a failure is logged, not fatal
+/// (the step it confirms has been sent; only its confirmation is missing).
+async fn confirm(client: &Client, timeout: Duration, after: &str) {
+    if let Err(error) = round_trip(client, timeout.min(Duration::from_secs(2))).await {
+        warn!(%error, after, "no round trip to the NATS server");
+    }
+}

@@ -1,0 +1,527 @@
+//! Serving `kv.node.<name>`: the service API registration, the serve loop that
+//! answers the other nodes (and `nats req`), and the check that no other
+//! process serves the same name.
+//!
+//! A batch's answers go out as they are made, in messages that fit the
+//! server's `max_payload`: a reply too large for one message comes as
+//! several, each `{"ok":true,"replies":[..]}` with the next answers in order,
+//! so a batch costs the owner at most about one message of memory however
+//! large its values, and no member fails because of its neighbours.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, HeaderMap, Message, Subject, Subscriber};
+use futures_util::StreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use super::service::{QUEUE_GROUP, Registration};
+use super::{Handler, Mesh, MeshError, SERVICE_NAME, Started, confirm, node_subject};
+use crate::command::Limits;
+use crate::error::KvError;
+use crate::wire::{self, HOPS_HEADER, WireRequest};
+
+/// How long a node listens for other instances' answers to `$SRV.INFO.kvmesh`.
+const INSTANCE_WAIT: Duration = Duration::from_millis(250);
+
+/// When, after a reconnect, to ask whether another process serves this name.
+const RECHECK_AFTER: [Duration; 2] = [Duration::from_millis(500), Duration::from_millis(2000)];
+
+/// Published bytes of one batch reply after which the client's buffer is
+/// flushed before more is published: the bound on what a batch holds.
+const FLUSH_EVERY: usize = 4 * 1024 * 1024;
+
+impl Mesh {
+    /// Registers the `kvmesh` service and serves `kv.node.<node>` with `handler`.
+    /// Refuses to start when another process already serves that name.
+    /// When connected, returns only once the subscription has reached the server.
+    pub async fn serve<H: Handler>(
+        &self,
+        node: &str,
+        handler: Arc<H>,
+        limits: Limits,
+        tracker: TaskTracker,
+    ) -> Result<Serving, MeshError> {
+        let client = self.inner.client.clone();
+        let connected = self.is_connected();
+        if connected && !instances_named(&client, node).await.is_empty() {
+            return Err(MeshError::DuplicateName(node.to_owned()));
+        }
+        let registration = Registration::new(&client, node, HashMap::new());
+        let started = registration.started_ms();
+        registration.set_metadata("node", node);
+        registration.set_metadata("started", &started.to_string());
+        let me = Instance {
+            id: registration.id().to_owned(),
+            started,
+        };
+        let requests = client
+            .queue_subscribe(node_subject(node), QUEUE_GROUP.into())
+            .await
+            .map_err(|e| MeshError::Service(e.to_string()))?;
+        let listed = CancellationToken::new();
+        registration
+            .clone()
+            .answer(client.clone(), listed.clone())
+            .await
+            .map_err(MeshError::Service)?;
+        if connected {
+            // Ready only once the server has the subscription: a request sent
+            // the moment this returns reaches this node.
+            confirm(&client, self.inner.timeout, "subscribing").await;
+        }
+        info!(subject = %node_subject(node), connected, "serving on NATS");
+        let stop = CancellationToken::new();
+        let deposed = CancellationToken::new();
+        let serve = ServeLoop {
+            client: client.clone(),
+            handler,
+            limits,
+            tracker,
+            registration,
+        };
+        let finished = CancellationToken::new();
+        let task = tokio::spawn(serve.run(requests, stop.clone(), finished.clone()));
+        tokio::spawn(watch_for_duplicates(
+            self.clone(),
+            node.to_owned(),
+            me,
+            Tokens {
+                stop: stop.clone(),
+                finished,
+                deposed: deposed.clone(),
+            },
+        ));
+        Ok(Serving {
+            listed,
+            stop,
+            deposed,
+            task,
+            client,
+            timeout: self.inner.timeout,
+        })
+    }
+}
+
+/// One running instance of the `kvmesh` service, as the service API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Instance {
+    /// When it started (ms since the epoch); earlier wins a name.
+    started: u64,
+    /// Its service id, to tell instances apart.
+    id: String,
+}
+
+/// The instances of the `kvmesh` service that carry `node` in their metadata,
+/// asked through the service API (`$SRV.INFO.kvmesh`). Only a registered
+/// kvmesh node counts: a passive `nats sub 'kv.>'` does not.
+async fn instances_named(client: &Client, node: &str) -> Vec<Instance> {
+    let inbox = client.new_inbox();
+    let mut replies = match client.subscribe(inbox.clone()).await {
+        Ok(replies) => replies,
+        Err(err) => {
+            warn!(error = %err, "could not ask for other instances of this node");
+            return Vec::new();
+        }
+    };
+    let asked = client
+        .publish_with_reply(format!("$SRV.INFO.{SERVICE_NAME}"), inbox, "".into())
+        .await;
+    if let Err(err) = asked {
+        warn!(error = %err, "could not ask for other instances of this node");
+        return Vec::new();
+    }
+    let mut found = Vec::new();
+    let deadline = tokio::time::sleep(INSTANCE_WAIT);
+    tokio::pin!(deadline);
+    loop {
+        let reply = tokio::select! {
+            _ = &mut deadline => break,
+            reply = replies.next() => match reply {
+                Some(reply) => reply,
+                None => break,
+            },
+        };
+        if let Some(instance) = instance_of(&reply, node) {
+            found.push(instance);
+        }
+    }
+    found
+}
+
+/// The instance an INFO reply describes, if it serves `node`.
+fn instance_of(reply: &Message, node: &str) -> Option<Instance> {
+    let info: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+    let metadata = info.get("metadata")?;
+    if metadata.get("node")?.as_str()? != node {
+        return None;
+    }
+    Some(Instance {
+        id: info.get("id")?.as_str()?.to_owned(),
+        started: metadata
+            .get("started")
+            .and_then(|s| s.as_str())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+    })
+}
+
+/// After every reconnect, asks again whether another process serves this
+/// node's name (two processes may both have started while NATS was away).
+/// The one that started later stops serving, and says why.
+async fn watch_for_duplicates(mesh: Mesh, node: String, me: Instance, tokens: Tokens) {
+    let Tokens {
+        stop,
+        finished,
+        deposed,
+    } = tokens;
+    let mut connections = mesh.inner.connections.clone();
+    connections.mark_unchanged();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = connections.changed() => if changed.is_err() { return },
+        }
+        // Every process re-subscribes as it reconnects: ask once the others
+        // have had time to, and once more later.
+        let mut others = Vec::new();
+        for wait in RECHECK_AFTER {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            others = instances_named(&mesh.inner.client, &node)
+                .await
+                .into_iter()
+                .filter(|other| other.id != me.id)
+                .collect();
+            if !others.is_empty() {
+                break;
+            }
+        }
+        if let Some(first) = others.iter().min() {
+            if *first < me {
+                error!(
+                    node,
+                    other = %first.id,
+                    "another process named {node} has been serving kv.node.{node} since before \
+                     this one started; this one stops serving (each node needs its own name)"
+                );
+                stop.cancel();
+                // Deposed once the server knows: from then on every request
+                // for this name reaches the other process.
+                finished.cancelled().await;
+                confirm(&mesh.inner.client, mesh.inner.timeout, "unsubscribing").await;
+                deposed.cancel();
+                return;
+            }
+            warn!(
+                node,
+                other = %first.id,
+                "another process named {node} appeared on NATS; it started later and stops serving"
+            );
+        }
+    }
+}
+
+/// How the serve loop and the duplicate watch tell each other what happened.
+struct Tokens {
+    /// Stop serving.
+    stop: CancellationToken,
+    /// The serve loop has ended.
+    finished: CancellationToken,
+    /// This process stopped serving because another serves its name.
+    deposed: CancellationToken,
+}
+
+/// A running serve loop; stop it before draining the client.
+pub struct Serving {
+    /// Cancelled to leave the service API.
+    listed: CancellationToken,
+    stop: CancellationToken,
+    deposed: CancellationToken,
+    task: JoinHandle<()>,
+    client: Client,
+    timeout: Duration,
+}
+
+impl Serving {
+    /// Cancelled when this process found another serving its name first and
+    /// stopped serving.
+    pub fn deposed(&self) -> CancellationToken {
+        self.deposed.clone()
+    }
+
+    /// Unsubscribes, answers what was delivered before the unsubscription,
+    /// and waits for the serve loop to end (handlers already started keep
+    /// running on the tracker).
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        // The loop ends once the requests already delivered are answered; a
+        // full queue while NATS is unreachable could hold it, so do not wait
+        // past the request timeout.
+        if tokio::time::timeout(self.timeout, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
+        // Once the round trip is back, the server has seen the unsubscription,
+        // so from then on a request for this node gets "no responders" at once
+        // instead of reaching a node that will not answer.
+        if self.client.connection_state() == async_nats::connection::State::Connected {
+            confirm(&self.client, self.timeout, "unsubscribing").await;
+        }
+        self.listed.cancel();
+    }
+}
+
+/// What the serve loop needs to answer a request.
+struct ServeLoop<H> {
+    client: Client,
+    handler: Arc<H>,
+    limits: Limits,
+    tracker: TaskTracker,
+    registration: Registration,
+}
+
+impl<H: Handler> ServeLoop<H> {
+    /// Answers requests in arrival order until stopped; then answers what was
+    /// delivered before the unsubscription, so that callers never wait for
+    /// their timeout.
+    async fn run(
+        self,
+        mut requests: Subscriber,
+        stop: CancellationToken,
+        finished: CancellationToken,
+    ) {
+        let _finished = finished.drop_guard();
+        let mut stopping = false;
+        let mut after_stop = 0u64;
+        loop {
+            let request = if stopping {
+                match requests.next().await {
+                    Some(request) => {
+                        after_stop += 1;
+                        request
+                    }
+                    None => break,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => {
+                        // Drain: the server stops delivering, and everything
+                        // it delivered before is still read and answered; the
+                        // stream ends once the server has confirmed.
+                        if let Err(err) = requests.drain().await {
+                            debug!(error = %err, "unsubscribing failed");
+                            break;
+                        }
+                        stopping = true;
+                        continue;
+                    }
+                    request = requests.next() => match request {
+                        Some(request) => request,
+                        None => break,
+                    },
+                }
+            };
+            self.answer(request).await;
+        }
+        debug!(answered_while_stopping = after_stop, "stopped serving");
+    }
+
+    /// Decodes one request and starts what it asks for, in arrival order, so
+    /// that requests take effect in the order they were sent; only waiting
+    /// for forwarded answers happens in a task of its own.
+    async fn answer(&self, message: Message) {
+        let Some(to) = message.reply.clone() else {
+            // Nobody could learn the outcome, so the command is not run.
+            debug!(subject = %message.subject, "ignored a message without a reply subject");
+            return;
+        };
+        let mut reply = Reply::new(&self.client, to, self.registration.clone());
+        let hops = match hops_header(message.headers.as_ref()) {
+            Ok(hops) => hops,
+            Err(err) => return reply.single(wire::encode_reply(&Err(err))).await,
+        };
+        let decoded = wire::decode_request(&message.payload, &self.limits);
+        match decoded {
+            Err(err) => reply.single(wire::encode_reply(&Err(err))).await,
+            Ok(WireRequest::Single(command)) => match self.handler.start(command, hops).await {
+                Started::Done(result) => reply.single(wire::encode_reply(&result)).await,
+                Started::Forwarded(answer) => {
+                    self.tracker.spawn(async move {
+                        let body = wire::encode_reply(&answer.await);
+                        reply.single(body).await;
+                    });
+                }
+            },
+            Ok(WireRequest::Batch(members)) => {
+                // Members start in order, like a connection's pipelined
+                // requests; answers go out as soon as all before them are out.
+                let mut later: Vec<Part> = Vec::new();
+                for member in members {
+                    let started = match member {
+                        Ok(command) => self.handler.start(command, hops).await,
+                        Err(err) => Started::Done(Err(err)),
+                    };
+                    match started {
+                        Started::Done(result) if later.is_empty() => {
+                            reply.push(wire::encode_reply(&result)).await;
+                        }
+                        Started::Done(result) => {
+                            later.push(Part::Ready(wire::encode_reply(&result)))
+                        }
+                        Started::Forwarded(answer) => later.push(Part::Later(answer)),
+                    }
+                }
+                if later.is_empty() {
+                    reply.finish().await;
+                } else {
+                    self.tracker.spawn(async move {
+                        for part in later {
+                            let body = match part {
+                                Part::Ready(body) => body,
+                                Part::Later(answer) => wire::encode_reply(&answer.await),
+                            };
+                            reply.push(body).await;
+                        }
+                        reply.finish().await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A batch member's answer: encoded, or forwarded with the answer to come.
+enum Part {
+    Ready(Vec<u8>),
+    Later(Pin<Box<dyn Future<Output = Result<crate::command::Reply, KvError>> + Send>>),
+}
+
+/// The reply to one request under way: a single body, or a batch's answers
+/// gathered into messages of at most `max_payload` bytes.
+struct Reply {
+    client: Client,
+    /// The requester's reply subject.
+    to: Subject,
+    /// Counts the request once its reply is out.
+    registration: Registration,
+    issued: Instant,
+    max: usize,
+    /// The message being filled: `{"ok":true,"replies":[` and answers.
+    body: Vec<u8>,
+    members: usize,
+    /// Bytes published since the client's buffer was last flushed.
+    unflushed: usize,
+}
+
+const BATCH_OPEN: &[u8] = br#"{"ok":true,"replies":["#;
+const BATCH_CLOSE: &[u8] = b"]}";
+
+impl Reply {
+    fn new(client: &Client, to: Subject, registration: Registration) -> Self {
+        Self {
+            max: client.max_payload(),
+            client: client.clone(),
+            to,
+            registration,
+            issued: Instant::now(),
+            body: Vec::new(),
+            members: 0,
+            unflushed: 0,
+        }
+    }
+
+    /// Sends the reply to a single request, or an error if it would not fit
+    /// one NATS message.
+    async fn single(self, mut body: Vec<u8>) {
+        if body.len() > self.max {
+            body = too_large();
+        }
+        self.send_last(body).await;
+    }
+
+    /// Sends the last (or only) message of a reply, and counts the request.
+    async fn send_last(self, body: Vec<u8>) {
+        if let Err(err) = self.client.publish(self.to, body.into()).await {
+            debug!(error = %err, "could not send a reply");
+        }
+        self.registration.count(self.issued.elapsed());
+    }
+
+    /// Adds a batch member's answer, sending the message so far first if the
+    /// answer would not fit in it.
+    async fn push(&mut self, mut part: Vec<u8>) {
+        if BATCH_OPEN.len() + part.len() + BATCH_CLOSE.len() > self.max {
+            part = too_large();
+        }
+        if self.members > 0 && self.body.len() + 1 + part.len() + BATCH_CLOSE.len() > self.max {
+            let body = self.close();
+            self.unflushed += body.len();
+            if let Err(err) = self.client.publish(self.to.clone(), body.into()).await {
+                debug!(error = %err, "could not send a reply");
+            }
+            if self.unflushed > FLUSH_EVERY {
+                self.unflushed = 0;
+                if let Err(err) = self.client.flush().await {
+                    debug!(error = %err, "could not flush replies");
+                }
+            }
+        }
+        if self.members == 0 {
+            self.body.extend_from_slice(BATCH_OPEN);
+        } else {
+            self.body.push(b',');
+        }
+        self.body.extend_from_slice(&part);
+        self.members += 1;
+    }
+
+    /// The message so far, closed; the next one starts empty.
+    fn close(&mut self) -> Vec<u8> {
+        if self.members == 0 {
+            self.body.extend_from_slice(BATCH_OPEN);
+        }
+        self.body.extend_from_slice(BATCH_CLOSE);
+        self.members = 0;
+        std::mem::take(&mut self.body)
+    }
+
+    /// Sends the last message of a batch reply.
+    async fn finish(mut self) {
+        let body = self.close();
+        self.send_last(body).await;
+    }
+}
+
+fn too_large() -> Vec<u8> {
+    wire::encode_reply(&Err(KvError::internal("reply too large for NATS")))
+}
+
+/// The hop count from every `KV-Hops` header value (the name matched without
+/// regard to case): the largest, so that a request cannot shed hops by
+/// carrying two; absent is 0; any value that is not a count is refused.
+fn hops_header(headers: Option<&HeaderMap>) -> Result<u32, KvError> {
+    let mut hops = 0;
+    let Some(headers) = headers else {
+        return Ok(0);
+    };
+    for (name, values) in headers.iter() {
+        if AsRef::<str>::as_ref(name).eq_ignore_ascii_case(HOPS_HEADER) {
+            for value in values {
+                hops = hops.max(wire::parse_hops(Some(value.as_str()))?);
+            }
+        }
+    }
+    Ok(hops)
+}
