@@ -14,5 +14,7 @@ USER kvmesh
 EXPOSE 4040
 # Inside a container the text protocol must listen beyond loopback.
 ENV KVMESH_LISTEN=0.0.0.0:4040
-HEALTHCHECK --interval=5s --timeout=3s --retries=5 CMD ["kvmesh", "ping", "--addr", "127.0.0.1:4040"]
+# `kvmesh ping` asks the configured address (KVMESH_LISTEN), so the check
+# follows the node when its port moves.
+HEALTHCHECK --interval=5s --timeout=3s --retries=5 CMD ["kvmesh", "ping"]
 ENTRYPOINT ["kvmesh"]

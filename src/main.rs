@@ -59,9 +59,11 @@ enum Cmd {
     Bench(BenchArgs),
     /// Check that a node answers PING on its TCP port (exit 0 on PONG).
     Ping {
-        /// The node's TCP address.
-        #[arg(long, default_value = "127.0.0.1:4040")]
-        addr: String,
+        /// The node's TCP address [default: the configured `listen`
+        /// (KVMESH_LISTEN, KVMESH_CONFIG), on loopback when it is 0.0.0.0 or ::;
+        /// else 127.0.0.1:4040].
+        #[arg(long)]
+        addr: Option<String>,
         /// How long to wait, in milliseconds.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
@@ -134,6 +136,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Cmd::Bench(args)) => return bench(args),
         Some(Cmd::Ping { addr, timeout_ms }) => {
+            let addr = addr.unwrap_or_else(configured_listen);
             return match kvmesh::ping::ping(&addr, Duration::from_millis(timeout_ms)) {
                 Ok(()) => {
                     out(&format!("PONG from {addr}\n"));
@@ -337,6 +340,26 @@ fn raise_file_limit(max_connections: usize) {
         ),
         Ok(_) => {}
         Err(err) => tracing::warn!(error = %err, "cannot raise the open-file limit"),
+    }
+}
+
+/// Where this machine's configured node listens, as an address to connect
+/// to: `0.0.0.0` and `::` become loopback. The default when the
+/// configuration cannot be read.
+fn configured_listen() -> String {
+    let listen = Config::load(&Overrides::default())
+        .map(|config| config.listen)
+        .unwrap_or_else(|_| Config::default().listen);
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_unspecified() => {
+            let ip: std::net::IpAddr = if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            std::net::SocketAddr::new(ip, addr.port()).to_string()
+        }
+        _ => listen,
     }
 }
 

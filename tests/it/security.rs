@@ -241,3 +241,124 @@ async fn an_nkey_seed_file_joins_the_mesh() {
     assert!(!log.contains(&seed), "{log}");
     assert_eq!(bar.stop_with("-TERM"), Some(0));
 }
+
+/// `config/nats-auth.conf` with the given passwords written in.
+fn auth_conf(dir: &Path) -> PathBuf {
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/nats-auth.conf"
+    ))
+    .expect("config/nats-auth.conf");
+    let mut conf = shipped;
+    for user in ["foo", "bar", "baz", "ops"] {
+        conf = conf.replace(
+            &format!("$KVMESH_{}_PASSWORD", user.to_uppercase()),
+            &format!("\"{user}-pw\""),
+        );
+    }
+    let path = dir.join("nats-auth.conf");
+    std::fs::write(&path, conf).expect("write");
+    path
+}
+
+/// A NATS client as `user`, and the server errors it is told about.
+async fn client_as(
+    url: &str,
+    user: &str,
+    inbox: &str,
+) -> (
+    async_nats::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = within(
+        "connect",
+        async_nats::ConnectOptions::with_user_and_password(user.into(), format!("{user}-pw"))
+            .custom_inbox_prefix(inbox)
+            .event_callback(move |event| {
+                let tx = tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(err) = event {
+                        let _ = tx.send(err.to_string());
+                    }
+                }
+            })
+            .connect(url),
+    )
+    .await
+    .expect("connect");
+    (client, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_shipped_permissions_nobody_can_answer_for_a_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = auth_conf(dir.path());
+    let Some(nats) = NatsServer::start_with(&["-c", conf.to_str().expect("path")]) else {
+        return;
+    };
+    let url = nats.url();
+    let as_user = |name: &str| {
+        let mut config = mesh_config(name, FOO_BAR, &url);
+        config.nats_user = Some(name.into());
+        config.nats_password = Some(Secret::new(format!("{name}-pw")));
+        config
+    };
+    let foo = start_node(as_user("foo")).await;
+    let bar = start_node(as_user("bar")).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("CREATE zebra", "OK\r\n").await;
+    c.exchange("PUT zebra k real", "OK\r\n").await;
+
+    // A stranger (the ops user) tries to join bar's queue group, and to
+    // answer into foo's inbox; foo's own user tries to serve bar's subject.
+    let (ops, mut ops_errors) = client_as(&url, "ops", "_INBOX.ops").await;
+    let _forger = ops
+        .queue_subscribe("kv.node.bar", "q".into())
+        .await
+        .expect("subscribe is sent");
+    ops.publish(
+        "_INBOX.foo.x.1",
+        "{\"ok\":true,\"value\":\"forged\"}".into(),
+    )
+    .await
+    .expect("publish is sent");
+    let (foo_user, mut foo_errors) = client_as(&url, "foo", "_INBOX.foo").await;
+    let _impostor = foo_user
+        .subscribe("kv.node.bar")
+        .await
+        .expect("subscribe is sent");
+    // ops may not publish to its own inbox either: a request is its barrier.
+    nats_req(&ops, "kv.node.foo", br#"{"op":"where","bucket":"a"}"#).await;
+    nats_round_trip(&foo_user).await;
+    let refused = |e: &str, what: &str| e.contains("Permissions Violation") && e.contains(what);
+    let mut seen = (false, false);
+    while !(seen.0 && seen.1) {
+        let e = within("ops is refused", ops_errors.recv())
+            .await
+            .expect("an error");
+        seen.0 |= refused(&e, "Subscription to \"kv.node.bar\"");
+        seen.1 |= refused(&e, "Publish to \"_INBOX.foo.x.1\"");
+    }
+    let e = within("foo's user is refused", foo_errors.recv())
+        .await
+        .expect("an error");
+    assert!(refused(&e, "Subscription to \"kv.node.bar\""), "{e}");
+
+    // Every answer still comes from bar.
+    for _ in 0..50 {
+        c.exchange("GET zebra k", "real\r\nOK\r\n").await;
+    }
+    // ops can still use the mesh and the service API, as a person would.
+    assert_eq!(
+        nats_req(
+            &ops,
+            "kv.node.bar",
+            br#"{"op":"get","bucket":"zebra","key":"k"}"#
+        )
+        .await,
+        r#"{"ok":true,"value":"real"}"#
+    );
+    foo.shutdown().await;
+    bar.shutdown().await;
+}

@@ -32,6 +32,22 @@ fn merged(service: &Yaml) -> BTreeMap<String, Yaml> {
     out
 }
 
+/// A compose value with its `${NAME:-default}` variables at their defaults.
+fn defaults(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').expect("closing brace") + start;
+        let var = &rest[start + 2..end];
+        let (_, default) = var.split_once(":-").expect("every variable has a default");
+        out.push_str(default);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn strings(y: &Yaml) -> Vec<String> {
     y.as_vec()
         .map(|v| {
@@ -75,8 +91,21 @@ fn the_compose_file_and_configs_describe_a_whole_cluster() {
             "{name}: health check"
         );
         for p in s.get("ports").map(strings).unwrap_or_default() {
-            host_ports.push(p.split(':').next().expect("host port").to_owned());
+            assert!(p.contains("${KVMESH_"), "{name}: {p} can be moved");
+            let p = defaults(&p);
+            let parts: Vec<&str> = p.split(':').collect();
+            assert_eq!(parts.len(), 3, "{name}: {p}");
+            assert_eq!(
+                parts[0], "127.0.0.1",
+                "{name}: published on loopback by default"
+            );
+            host_ports.push(parts[1].to_owned());
         }
+        assert_eq!(
+            s.get("restart").and_then(Yaml::as_str),
+            Some("unless-stopped"),
+            "{name}: restarted"
+        );
         let command = s.get("command").map(strings).unwrap_or_default();
         if nats.contains(&name) {
             assert!(
@@ -92,6 +121,11 @@ fn the_compose_file_and_configs_describe_a_whole_cluster() {
                     .clone()
             };
             assert_eq!(arg("--http_port"), "8222");
+            assert_eq!(
+                arg("-c"),
+                "/etc/nats/kvmesh-auth.conf",
+                "{name}: permissions"
+            );
             assert_eq!(arg("--cluster_name"), "kvmesh");
             arg("--cluster");
             let routes: BTreeSet<String> = arg("--routes").split(',').map(str::to_owned).collect();
@@ -122,8 +156,17 @@ fn the_compose_file_and_configs_describe_a_whole_cluster() {
                 .expect("config inside the mounted folder"),
         );
         used_files.insert(file.clone());
-        let env = &s["environment"];
-        let env = |key: &str| env[key].as_str().map(str::to_owned);
+        let env = merged(&s["environment"]);
+        let env = |key: &str| env.get(key).and_then(Yaml::as_str).map(defaults);
+        assert_eq!(
+            env("KVMESH_NATS_USER").as_deref(),
+            Some(name.as_str()),
+            "{name}: own NATS user"
+        );
+        assert!(
+            env("KVMESH_NATS_PASSWORD").is_some(),
+            "{name}: NATS password"
+        );
         let config = kvmesh::Config::load(&Overrides {
             config_file: Some(file.clone()),
             listen: env("KVMESH_LISTEN"),
