@@ -191,6 +191,57 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
         }));
     }
 
+    // Hostile clients beside them: control bytes in names, values too large,
+    // pipelined GETs of a large value, and NATS batches of large GETs. Their
+    // neighbours' answers must stay exact (the clients above check that).
+    let big = "B".repeat(400_000);
+    setup
+        .eventually(&format!("PUT nut big {big}"), "OK\r\n")
+        .await;
+    let mut hostile = Vec::new();
+    for id in 0..3u64 {
+        let stop = stop.clone();
+        let gw_addr = gw_addr.clone();
+        let big = big.clone();
+        let urls = urls.clone();
+        hostile.push(tokio::spawn(async move {
+            let nats = async_nats::connect(urls).await.ok();
+            let mut conn = None;
+            let too_large = format!("PUT nut k {}", "x".repeat(600_000));
+            let batch = format!(
+                r#"{{"op":"batch","requests":[{}]}}"#,
+                vec![r#"{"op":"get","bucket":"nut","key":"big"}"#; 64].join(",")
+            );
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let addr = *gw_addr.lock().expect("lock");
+                let (line, ok): (&str, &[&str]) = match (id + n) % 4 {
+                    0 => ("GET z\u{1} k", &["NOT FOUND\r\n"]),
+                    1 => ("PUT n\u{2}x k v", &["NOT FOUND\r\n"]),
+                    2 => (&too_large, &["ERROR value too large\r\n"]),
+                    _ => ("GET nut big", &[]),
+                };
+                match ask(&mut conn, addr, line).await {
+                    Ok(lines) if lines.len() == 1 && lines[0].starts_with("ERROR ") => {}
+                    Ok(lines) if ok.is_empty() => {
+                        assert_eq!(lines, [format!("{big}\r\n"), "OK\r\n".into()]);
+                    }
+                    Ok(lines) => {
+                        assert_eq!(lines, ok, "hostile {id}: {}", &line[..line.len().min(20)])
+                    }
+                    Err(()) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+                if let Some(nats) = &nats {
+                    let _ = nats
+                        .publish_with_reply("kv.node.bar", "nobody.listens", batch.clone().into())
+                        .await;
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+
     // Faults.
     let mut rng = XorShift(seed);
     let mut faults = 0;
@@ -219,6 +270,12 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     cluster.wait_for_routes();
     let last_fault = tokio::time::Instant::now();
     stop.store(true, Ordering::Relaxed);
+    let mut hostile_requests = 0;
+    for h in hostile {
+        hostile_requests += within("hostile client", h)
+            .await
+            .expect("a hostile client got a wrong answer");
+    }
     let mut models = Vec::new();
     for c in clients {
         models.push(
@@ -262,11 +319,11 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
         }
     }
     eprintln!(
-        "chaos: {faults} faults survived, {} answers ({} explicit errors), {checked} reads checked, healed in {healed:?}",
+        "chaos: {faults} faults survived, {} answers ({} explicit errors), {hostile_requests} hostile requests, {checked} reads checked, healed in {healed:?}",
         answers.load(Ordering::Relaxed),
         errors.load(Ordering::Relaxed)
     );
-    assert!(faults > 0 && answers.load(Ordering::Relaxed) > 100);
+    assert!(faults > 0 && answers.load(Ordering::Relaxed) > 100 && hostile_requests > 10);
     foo.shutdown().await;
     bar.shutdown().await;
 }
