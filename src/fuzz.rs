@@ -15,7 +15,9 @@ use proptest::prelude::*;
 use crate::command::{Command, Limits, Reply};
 use crate::error::KvError;
 use crate::protocol::{self, Request};
-use crate::server::{Frame, Framer};
+use crate::registry::{BucketCache, Registry};
+use crate::router::{Router, RoutingTable};
+use crate::server::{Frame, Framer, Gathered, Step, answer_frame};
 use crate::wire::{self, WireRequest};
 
 const LIMITS: Limits = Limits {
@@ -86,24 +88,24 @@ fn reply() -> impl Strategy<Value = Result<Reply, KvError>> {
     ]
 }
 
-/// Frames `input` in the given chunk sizes and answers every frame as the
-/// server would (parse, then an answer line for what cannot run); returns the
-/// answers and the largest the buffer grew.
+/// Frames `input` in the given chunk sizes and answers every frame with the
+/// connection's own per-line step, on a node with an empty routing table (so
+/// every bucket operation answers one `no route` line); returns the answers
+/// and the largest the buffer grew.
 fn frame_and_answer(input: &[u8], chunks: &[usize], max_line: usize) -> (BytesMut, usize) {
     let mut framer = Framer::new(max_line);
     let mut buf = BytesMut::new();
-    let mut out = BytesMut::new();
     let mut biggest = 0;
     let mut rest = input;
     let mut sizes = chunks.iter().cycle();
-    let answer = |frame: Frame, out: &mut BytesMut| match frame {
-        Frame::TooLong => protocol::write_line_error(out, &protocol::LineError::TooLong),
-        Frame::Line(line) => match protocol::parse(line, &LIMITS) {
-            Ok(Request::Ping) => out.extend_from_slice(protocol::PONG),
-            Ok(Request::Quit) => out.extend_from_slice(protocol::BYE),
-            Ok(Request::Op(_)) => out.extend_from_slice(b"OK\r\n"),
-            Err(err) => protocol::write_line_error(out, &err),
-        },
+    let table = RoutingTable::new(Vec::new()).expect("an empty table is valid");
+    let router = Router::new("local", table, Registry::new(), None, 8);
+    let mut cache = BucketCache::default();
+    let mut gathered = Gathered::new();
+    let mut answer = |frame: Frame, gathered: &mut Gathered| {
+        if answer_frame(frame, &router, &LIMITS, &mut cache, gathered) == Step::Quit {
+            gathered.out.extend_from_slice(protocol::BYE);
+        }
     };
     while !rest.is_empty() {
         let n = (*sizes.next().unwrap_or(&1)).clamp(1, rest.len());
@@ -111,15 +113,15 @@ fn frame_and_answer(input: &[u8], chunks: &[usize], max_line: usize) -> (BytesMu
         rest = &rest[n..];
         biggest = biggest.max(buf.len());
         while let Some(frame) = framer.next(&buf) {
-            answer(frame, &mut out);
+            answer(frame, &mut gathered);
         }
         framer.consume(&mut buf);
     }
     while let Some(frame) = framer.next(&buf).or_else(|| framer.rest(&buf)) {
-        answer(frame, &mut out);
+        answer(frame, &mut gathered);
     }
     framer.consume(&mut buf);
-    (out, biggest)
+    (gathered.out, biggest)
 }
 
 proptest! {

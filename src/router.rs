@@ -11,11 +11,9 @@ use std::sync::Arc;
 
 use crate::command::{Command, Reply, valid_node_name};
 use crate::error::KvError;
-use bytes::BytesMut;
 
-use crate::mesh::{Handler, Mesh, Started};
-use crate::protocol;
-use crate::registry::{BucketCache, Registry};
+use crate::mesh::{Coming, Handler, Mesh, Started};
+use crate::registry::Registry;
 
 /// An inclusive range of first bytes: `a-m`, `x`, or `*` (every byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,25 +243,9 @@ impl Router {
         }
     }
 
-    /// Runs a local command and appends its TCP answer to `out`; a GET's value
-    /// goes from the registry straight into the answer.
-    pub fn answer_local(
-        &self,
-        command: Command<&str>,
-        out: &mut BytesMut,
-        cache: &mut BucketCache,
-    ) {
-        match command {
-            Command::Get { bucket, key } => {
-                if let Err(err) = self.registry.get(bucket, key, cache, |value| {
-                    protocol::write_value(out, value)
-                }) {
-                    protocol::write_result(out, &Err(err));
-                }
-            }
-            Command::Where { .. } => protocol::write_result(out, &self.execute_local(command)),
-            other => protocol::write_result(out, &self.registry.apply_cached(other, cache)),
-        }
+    /// This node's buckets.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Routes a command that has made `hops` hops: runs it here, or publishes
@@ -273,11 +255,7 @@ impl Router {
         match self.target(&command, hops) {
             Ok(Target::Local) => Started::Done(self.execute_local(command.borrowed())),
             Ok(Target::Remote(owner)) => {
-                let answers = self.forward(owner, vec![command], hops).await;
-                Started::Forwarded(Box::pin(async move {
-                    let answer = answers.await.into_iter().next();
-                    answer.unwrap_or_else(|| Err(KvError::internal("no answer")))
-                }))
+                Started::Forwarded(self.forward(owner, vec![command], hops).await)
             }
             Err(err) => Started::Done(Err(err)),
         }
@@ -285,27 +263,12 @@ impl Router {
 
     /// Forwards commands to `owner` through the mesh's per-owner queue (see
     /// `Mesh::forward`): commands forwarded one after the other take effect in
-    /// that order; the answers come back together, one per command.
-    /// Returns once the commands are queued; the returned future gives the
-    /// answers.
-    pub async fn forward(
-        &self,
-        owner: &str,
-        commands: Vec<Command>,
-        hops: u32,
-    ) -> impl std::future::Future<Output = Vec<Result<Reply, KvError>>> + Send + 'static {
-        let n = commands.len();
-        let queued = match &self.mesh {
-            Some(mesh) => Some(mesh.forward(owner, commands, hops + 1).await),
-            None => None,
-        };
-        async move {
-            match queued {
-                Some(answers) => answers
-                    .await
-                    .unwrap_or_else(|_| vec![Err(KvError::internal("forwarding stopped")); n]),
-                None => vec![Err(KvError::mesh_unavailable()); n],
-            }
+    /// that order. Returns once the commands are queued, with their answers
+    /// to come, one per command.
+    pub async fn forward(&self, owner: &str, commands: Vec<Command>, hops: u32) -> Coming {
+        match &self.mesh {
+            Some(mesh) => mesh.forward(owner, commands, hops + 1).await,
+            None => Coming::ready(vec![Err(KvError::mesh_unavailable()); commands.len()]),
         }
     }
 

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 
-use super::{Inner, Mesh, node_subject};
+use super::{Coming, Inner, Mesh, node_subject};
 use crate::command::{Command, Reply};
 use crate::error::KvError;
 use crate::wire::{self, BadReply, HOPS_HEADER};
@@ -51,17 +51,12 @@ impl Mesh {
     /// many connections talking to one owner share round trips instead of each
     /// paying for its own; a lone command still leaves at once, as a plain
     /// request.
-    pub async fn forward(
-        &self,
-        owner: &str,
-        commands: Vec<Command>,
-        hops: u32,
-    ) -> oneshot::Receiver<Answers> {
-        let (answers, rx) = oneshot::channel();
+    pub async fn forward(&self, owner: &str, commands: Vec<Command>, hops: u32) -> Coming {
         if !self.is_connected() {
-            let _ = answers.send(vec![Err(KvError::mesh_unavailable()); commands.len()]);
-            return rx;
+            return Coming::ready(vec![Err(KvError::mesh_unavailable()); commands.len()]);
         }
+        let (answers, rx) = oneshot::channel();
+        let coming = Coming::new(rx, commands.len());
         let queue = {
             let mut forwarders = self.inner.forwarders.lock();
             match forwarders.get(owner) {
@@ -84,7 +79,7 @@ impl Mesh {
                 .answers
                 .send(vec![Err(KvError::mesh_unavailable()); job.commands.len()]);
         }
-        rx
+        coming
     }
 
     /// Publishes `commands` (with their encoded forms) to `owner` as one

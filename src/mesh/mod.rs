@@ -25,13 +25,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
 use async_nats::connection::State;
 use async_nats::{Client, Message};
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
 use crate::command::{Command, Reply};
@@ -49,12 +50,55 @@ pub fn node_subject(node: &str) -> String {
     format!("kv.node.{node}")
 }
 
+/// Answers still to come from another node: one per command forwarded
+/// together, in order. The one shape of "an answer not here yet", wherever
+/// it waits (a TCP connection's queue, a reply to another node).
+pub struct Coming {
+    rx: oneshot::Receiver<Answers>,
+    len: usize,
+}
+
+impl Coming {
+    /// Answers that are here already.
+    pub fn ready(answers: Answers) -> Self {
+        let (tx, rx) = oneshot::channel();
+        let len = answers.len();
+        let _ = tx.send(answers);
+        Self { rx, len }
+    }
+
+    fn new(rx: oneshot::Receiver<Answers>, len: usize) -> Self {
+        Self { rx, len }
+    }
+
+    /// The first answer (for a command forwarded alone).
+    pub async fn first(self) -> Result<Reply, KvError> {
+        self.await
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(KvError::internal("no answer")))
+    }
+}
+
+impl Future for Coming {
+    type Output = Answers;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answers> {
+        let len = self.len;
+        Pin::new(&mut self.rx).poll(cx).map(|answers| {
+            // The forwarding task ended without answering (the node is
+            // stopping): every command gets that.
+            answers.unwrap_or_else(|_| vec![Err(KvError::internal("forwarding stopped")); len])
+        })
+    }
+}
+
 /// A command on its way: answered already, or forwarded with the answer to come.
 pub enum Started {
     /// Run here (or refused): the result.
     Done(Result<Reply, KvError>),
-    /// Queued for another node: its answer to come.
-    Forwarded(Pin<Box<dyn Future<Output = Result<Reply, KvError>> + Send>>),
+    /// Queued for another node, alone: its answer to come.
+    Forwarded(Coming),
 }
 
 impl Started {
@@ -62,7 +106,7 @@ impl Started {
     pub async fn finish(self) -> Result<Reply, KvError> {
         match self {
             Started::Done(result) => result,
-            Started::Forwarded(answer) => answer.await,
+            Started::Forwarded(coming) => coming.first().await,
         }
     }
 }

@@ -9,8 +9,6 @@
 //! large its values, and no member fails because of its neighbours.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::service::{QUEUE_GROUP, Registration};
-use super::{Handler, Mesh, MeshError, SERVICE_NAME, Started, confirm, node_subject};
+use super::{Coming, Handler, Mesh, MeshError, SERVICE_NAME, Started, confirm, node_subject};
 use crate::command::Limits;
 use crate::error::KvError;
 use crate::wire::{self, HOPS_HEADER, WireRequest};
@@ -359,7 +357,7 @@ impl<H: Handler> ServeLoop<H> {
                 Started::Done(result) => reply.single(wire::encode_reply(&result)).await,
                 Started::Forwarded(answer) => {
                     self.tracker.spawn(async move {
-                        let body = wire::encode_reply(&answer.await);
+                        let body = wire::encode_reply(&answer.first().await);
                         reply.single(body).await;
                     });
                 }
@@ -390,7 +388,7 @@ impl<H: Handler> ServeLoop<H> {
                         for part in later {
                             let body = match part {
                                 Part::Ready(body) => body,
-                                Part::Later(answer) => wire::encode_reply(&answer.await),
+                                Part::Later(answer) => wire::encode_reply(&answer.first().await),
                             };
                             reply.push(body).await;
                         }
@@ -405,7 +403,7 @@ impl<H: Handler> ServeLoop<H> {
 /// A batch member's answer: encoded, or forwarded with the answer to come.
 enum Part {
     Ready(Vec<u8>),
-    Later(Pin<Box<dyn Future<Output = Result<crate::command::Reply, KvError>> + Send>>),
+    Later(Coming),
 }
 
 /// The reply to one request under way: a single body, or a batch's answers
