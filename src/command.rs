@@ -1,6 +1,6 @@
 //! The values that cross TCP and NATS alike: a [`Command`] on a bucket and its [`Reply`].
 //!
-//! The serde form of `Command` *is* the NATS request body of SPEC.md section 3
+//! The serde form of `Command` *is* the NATS request body (docs/protocol.md, section 3)
 //! (`{"op":"put","bucket":B,"key":K,"value":V}`), so there is one shape, not two.
 //! [`Limits::validate`] applies the same name rules to a command whether it was
 //! parsed from a TCP line or decoded from JSON.
@@ -111,7 +111,7 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Checks names and value against the rules of SPEC.md section 1: non-empty,
+    /// Checks names and value against the rules of docs/protocol.md, section 1: non-empty,
     /// no ASCII whitespace (so nothing stored can break a TCP answer into lines),
     /// and the size limits. A TCP word already has no whitespace; a JSON string may.
     pub fn validate<S: AsRef<str>>(&self, command: &Command<S>) -> Result<(), KvError> {

@@ -1,5 +1,5 @@
 //! Configuration: defaults, then a TOML file, then `KVMESH_*` variables, then flags
-//! (SPEC.md section 4), layered with figment and validated once at start.
+//! (the README, Configuration), layered with figment and validated once at start.
 //!
 //! Every rejection names the key and the layer it came from, so an operator can
 //! tell a typo in a file from a stray environment variable.

@@ -1,5 +1,5 @@
 //! The text protocol, and only the text: one line in, one [`Request`] out; one
-//! result in, the exact response bytes out (SPEC.md section 1).
+//! result in, the exact response bytes out (docs/protocol.md, section 1).
 //!
 //! Every answer a TCP client reads is written by the functions here, so an answer
 //! relayed from another node is byte-identical to one made locally.

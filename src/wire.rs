@@ -1,4 +1,4 @@
-//! The NATS message bodies of SPEC.md section 3: JSON requests and replies.
+//! The NATS message bodies (docs/protocol.md, section 3): JSON requests and replies.
 //!
 //! A request is the serde form of [`Command`] (or a batch of them); a reply is
 //! `{"ok":true,...}` or `{"ok":false,"error":CODE,"message":TEXT}`. Decoding is

@@ -156,7 +156,7 @@ pub fn mesh_config(name: &str, routes: &[(&str, &str)], nats_url: &str) -> Confi
     }
 }
 
-/// The two-node table of SPEC.md: a-m on foo, n-z on bar.
+/// The two-node table of the docs: a-m on foo, n-z on bar.
 pub const FOO_BAR: &[(&str, &str)] = &[("a-m", "foo"), ("n-z", "bar")];
 
 /// Nodes foo and bar of [`FOO_BAR`] on the NATS at `url`.

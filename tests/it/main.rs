@@ -7,6 +7,7 @@ mod nats;
 mod batching;
 mod bench;
 mod chaos;
+mod docs;
 mod mesh;
 mod node;
 mod ops;

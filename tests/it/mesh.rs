@@ -1,5 +1,5 @@
 //! Several nodes and real NATS servers: routing, the wire format, and failures
-//! (SPEC.md sections 2 and 3).
+//! (docs/protocol.md, sections 2 and 3).
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! One node over a real TCP socket: the text protocol of SPEC.md section 1, byte
+//! One node over a real TCP socket: the text protocol of docs/protocol.md section 1, byte
 //! for byte, with its limits.
 
 use std::sync::Arc;
