@@ -163,7 +163,7 @@ fn main() -> ExitCode {
         None => {}
     }
     let overrides = cli.node.overrides();
-    let config = match Config::load(&overrides) {
+    let settings = match Config::load(&overrides) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("kvmesh: {err}");
@@ -180,7 +180,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    raise_file_limit(config.max_connections);
+    raise_file_limit(settings.config.max_connections);
     runtime.block_on(async {
         // Signal handlers go in before the node starts, so that a signal sent as
         // soon as the node answers is never taken with the default action.
@@ -191,7 +191,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let node = match Node::start(config).await {
+        let node = match Node::start(settings).await {
             Ok(node) => node,
             Err(err) => {
                 eprintln!("kvmesh: {err}");
@@ -348,7 +348,7 @@ fn raise_file_limit(max_connections: usize) {
 /// configuration cannot be read.
 fn configured_listen() -> String {
     let listen = Config::load(&Overrides::default())
-        .map(|config| config.listen)
+        .map(|settings| settings.config.listen)
         .unwrap_or_else(|_| Config::default().listen);
     match listen.parse::<std::net::SocketAddr>() {
         Ok(addr) if addr.ip().is_unspecified() => {

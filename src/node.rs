@@ -12,8 +12,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::command::Limits;
-use crate::config::{Config, Invalid};
-use crate::mesh::{Mesh, MeshError, Security, Serving};
+use crate::config::Settings;
+use crate::mesh::{Mesh, MeshError, Serving};
 use crate::registry::Registry;
 use crate::router::Router;
 use crate::secret::redact_url;
@@ -29,9 +29,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The configuration does not validate.
-    #[error(transparent)]
-    Config(#[from] Invalid),
     /// The mesh could not be joined.
     #[error(transparent)]
     Mesh(#[from] MeshError),
@@ -59,10 +56,15 @@ pub struct Node {
 }
 
 impl Node {
-    /// Validates `config`, binds its address and starts serving. Returns once the
+    /// Binds the configured address and starts serving. Returns once the
     /// node accepts connections.
-    pub async fn start(config: Config) -> Result<Node, StartError> {
-        let table = config.validate()?;
+    pub async fn start(settings: Settings) -> Result<Node, StartError> {
+        let Settings {
+            config,
+            table,
+            nats_servers: servers,
+            security,
+        } = settings;
         let listener = bind(&config.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -73,7 +75,6 @@ impl Node {
             addr: config.listen.clone(),
             source,
         })?;
-        let servers = config.nats_servers();
         let nats = match &servers {
             Some(servers) => servers
                 .iter()
@@ -89,7 +90,7 @@ impl Node {
                     servers,
                     &config.node,
                     Duration::from_millis(config.request_timeout_ms),
-                    &security(&config),
+                    &security,
                 )
                 .await?,
             ),
@@ -184,21 +185,6 @@ impl Node {
             mesh.drain().await;
         }
         info!(node = %self.name, "stopped");
-    }
-}
-
-/// The NATS security settings of a configuration.
-fn security(config: &Config) -> Security {
-    Security {
-        user_password: config.nats_user.clone().zip(config.nats_password.clone()),
-        token: config.nats_token.clone(),
-        creds_file: config.nats_creds.clone(),
-        nkey_file: config.nats_nkey.clone(),
-        tls_ca: config.nats_tls_ca.clone(),
-        tls_client: config
-            .nats_tls_cert
-            .clone()
-            .zip(config.nats_tls_key.clone()),
     }
 }
 

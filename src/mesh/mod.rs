@@ -3,8 +3,8 @@
 //! - [`connect`]: joining NATS (addresses, security, reconnects, events);
 //! - [`forward`]: sending commands to their owner, one queue per owner, and
 //!   collecting the answers;
-//! - [`serve`]: answering `kv.node.<name>` for the other nodes, and making
-//!   sure no other process serves the same name;
+//! - [`serve`]: answering `kv.node.<name>` for the other nodes;
+//! - [`names`]: making sure no other process serves the same name;
 //! - [`service`]: the NATS service API entry (`nats micro ls|info|stats`);
 //! - this file: the [`Mesh`] handle they share, and stopping.
 //!
@@ -17,6 +17,7 @@
 
 mod connect;
 mod forward;
+mod names;
 mod serve;
 mod service;
 

@@ -1,6 +1,5 @@
-//! Serving `kv.node.<name>`: the service API registration, the serve loop that
-//! answers the other nodes (and `nats req`), and the check that no other
-//! process serves the same name.
+//! Serving `kv.node.<name>`: the serve loop that answers the other nodes (and
+//! `nats req`), and stopping it without leaving a delivered request unanswered.
 //!
 //! A batch's answers go out as they are made, in messages that fit the
 //! server's `max_payload`: a reply too large for one message comes as
@@ -17,19 +16,14 @@ use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info};
 
+use super::names::{Instance, Tokens, instances_named, watch_for_duplicates};
 use super::service::{QUEUE_GROUP, Registration};
-use super::{Coming, Handler, Mesh, MeshError, SERVICE_NAME, Started, confirm, node_subject};
+use super::{Coming, Handler, Mesh, MeshError, Started, confirm, node_subject};
 use crate::command::Limits;
 use crate::error::KvError;
 use crate::wire::{self, HOPS_HEADER, WireRequest};
-
-/// How long a node listens for other instances' answers to `$SRV.INFO.kvmesh`.
-const INSTANCE_WAIT: Duration = Duration::from_millis(250);
-
-/// When, after a reconnect, to ask whether another process serves this name.
-const RECHECK_AFTER: [Duration; 2] = [Duration::from_millis(500), Duration::from_millis(2000)];
 
 /// Published bytes of one batch reply after which the client's buffer is
 /// flushed before more is published: the bound on what a batch holds.
@@ -105,137 +99,6 @@ impl Mesh {
             timeout: self.inner.timeout,
         })
     }
-}
-
-/// One running instance of the `kvmesh` service, as the service API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Instance {
-    /// When it started (ms since the epoch); earlier wins a name.
-    started: u64,
-    /// Its service id, to tell instances apart.
-    id: String,
-}
-
-/// The instances of the `kvmesh` service that carry `node` in their metadata,
-/// asked through the service API (`$SRV.INFO.kvmesh`). Only a registered
-/// kvmesh node counts: a passive `nats sub 'kv.>'` does not.
-async fn instances_named(client: &Client, node: &str) -> Vec<Instance> {
-    let inbox = client.new_inbox();
-    let mut replies = match client.subscribe(inbox.clone()).await {
-        Ok(replies) => replies,
-        Err(err) => {
-            warn!(error = %err, "could not ask for other instances of this node");
-            return Vec::new();
-        }
-    };
-    let asked = client
-        .publish_with_reply(format!("$SRV.INFO.{SERVICE_NAME}"), inbox, "".into())
-        .await;
-    if let Err(err) = asked {
-        warn!(error = %err, "could not ask for other instances of this node");
-        return Vec::new();
-    }
-    let mut found = Vec::new();
-    let deadline = tokio::time::sleep(INSTANCE_WAIT);
-    tokio::pin!(deadline);
-    loop {
-        let reply = tokio::select! {
-            _ = &mut deadline => break,
-            reply = replies.next() => match reply {
-                Some(reply) => reply,
-                None => break,
-            },
-        };
-        if let Some(instance) = instance_of(&reply, node) {
-            found.push(instance);
-        }
-    }
-    found
-}
-
-/// The instance an INFO reply describes, if it serves `node`.
-fn instance_of(reply: &Message, node: &str) -> Option<Instance> {
-    let info: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
-    let metadata = info.get("metadata")?;
-    if metadata.get("node")?.as_str()? != node {
-        return None;
-    }
-    Some(Instance {
-        id: info.get("id")?.as_str()?.to_owned(),
-        started: metadata
-            .get("started")
-            .and_then(|s| s.as_str())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-    })
-}
-
-/// After every reconnect, asks again whether another process serves this
-/// node's name (two processes may both have started while NATS was away).
-/// The one that started later stops serving, and says why.
-async fn watch_for_duplicates(mesh: Mesh, node: String, me: Instance, tokens: Tokens) {
-    let Tokens {
-        stop,
-        finished,
-        deposed,
-    } = tokens;
-    let mut connections = mesh.inner.connections.clone();
-    connections.mark_unchanged();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            changed = connections.changed() => if changed.is_err() { return },
-        }
-        // Every process re-subscribes as it reconnects: ask once the others
-        // have had time to, and once more later.
-        let mut others = Vec::new();
-        for wait in RECHECK_AFTER {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                () = tokio::time::sleep(wait) => {}
-            }
-            others = instances_named(&mesh.inner.client, &node)
-                .await
-                .into_iter()
-                .filter(|other| other.id != me.id)
-                .collect();
-            if !others.is_empty() {
-                break;
-            }
-        }
-        if let Some(first) = others.iter().min() {
-            if *first < me {
-                error!(
-                    node,
-                    other = %first.id,
-                    "another process named {node} has been serving kv.node.{node} since before \
-                     this one started; this one stops serving (each node needs its own name)"
-                );
-                stop.cancel();
-                // Deposed once the server knows: from then on every request
-                // for this name reaches the other process.
-                finished.cancelled().await;
-                confirm(&mesh.inner.client, mesh.inner.timeout, "unsubscribing").await;
-                deposed.cancel();
-                return;
-            }
-            warn!(
-                node,
-                other = %first.id,
-                "another process named {node} appeared on NATS; it started later and stops serving"
-            );
-        }
-    }
-}
-
-/// How the serve loop and the duplicate watch tell each other what happened.
-struct Tokens {
-    /// Stop serving.
-    stop: CancellationToken,
-    /// The serve loop has ended.
-    finished: CancellationToken,
-    /// This process stopped serving because another serves its name.
-    deposed: CancellationToken,
 }
 
 /// A running serve loop; stop it before draining the client.

@@ -48,7 +48,8 @@ pub fn init_test_log() {
 /// Starts a node in this process; it is ready when this returns.
 pub async fn start_node(config: Config) -> Node {
     init_test_log();
-    within("node start", Node::start(config))
+    let settings = config.check().expect("a valid configuration");
+    within("node start", Node::start(settings))
         .await
         .expect("node starts")
 }

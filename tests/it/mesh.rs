@@ -686,7 +686,11 @@ async fn a_second_node_with_the_same_name_refuses_to_start() {
     let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
     let second = within(
         "start",
-        kvmesh::Node::start(mesh_config("foo", FOO_BAR, &nats.url())),
+        kvmesh::Node::start(
+            mesh_config("foo", FOO_BAR, &nats.url())
+                .check()
+                .expect("valid"),
+        ),
     )
     .await;
     match second {

@@ -200,15 +200,15 @@ fn the_shipped_configuration_files_load() {
             config_file: Some(format!("{dir}/{name}").into()),
             ..Default::default()
         };
-        let config = kvmesh::Config::load(&overrides).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let settings = kvmesh::Config::load(&overrides).unwrap_or_else(|e| panic!("{name}: {e}"));
         if name == "kvmesh.toml" {
             assert_eq!(
-                config,
+                settings.config,
                 kvmesh::Config::default(),
                 "kvmesh.toml shows the defaults"
             );
         } else {
-            let table = config.routing_table().expect("table");
+            let table = settings.table;
             assert_eq!(table.owner_of("apple"), Some("foo"));
             assert_eq!(table.owner_of("zebra"), Some("bar"));
         }

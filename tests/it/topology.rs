@@ -167,19 +167,25 @@ fn the_compose_file_and_configs_describe_a_whole_cluster() {
             env("KVMESH_NATS_PASSWORD").is_some(),
             "{name}: NATS password"
         );
-        let config = kvmesh::Config::load(&Overrides {
+        let settings = kvmesh::Config::load(&Overrides {
             config_file: Some(file.clone()),
             listen: env("KVMESH_LISTEN"),
             nats_url: env("KVMESH_NATS_URL"),
             ..Overrides::default()
         })
         .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let config = &settings.config;
         assert_eq!(&config.node, name, "{name}: service and node names match");
         assert_eq!(
             config.listen, "0.0.0.0:4040",
             "{name}: reachable inside the container network"
         );
-        let servers: BTreeSet<String> = config.nats_servers().expect("NATS").into_iter().collect();
+        let servers: BTreeSet<String> = settings
+            .nats_servers
+            .clone()
+            .expect("NATS")
+            .into_iter()
+            .collect();
         let want: BTreeSet<String> = nats.iter().map(|n| format!("nats://{n}:4222")).collect();
         assert_eq!(servers, want, "{name}: pointed at every NATS server");
         let depends = &s["depends_on"];
@@ -198,10 +204,7 @@ fn the_compose_file_and_configs_describe_a_whole_cluster() {
                 .any(|p| p.as_str().is_some_and(|p| p.ends_with(":4040")))),
             "{name}: TCP port published"
         );
-        tables.insert(
-            name.clone(),
-            (config.routing_table().expect("table"), config.max_hops),
-        );
+        tables.insert(name.clone(), (settings.table.clone(), config.max_hops));
     }
     let distinct: BTreeSet<&String> = host_ports.iter().collect();
     assert_eq!(

@@ -1,0 +1,271 @@
+//! Checking a configuration, once: what comes out is [`Settings`], with the
+//! routing table built, the server addresses split and checked, and the NATS
+//! security resolved, which the node takes as they are.
+
+use std::fmt;
+
+use super::{Config, DEFAULT_NATS_URL};
+use crate::command::valid_node_name;
+use crate::mesh::Security;
+use crate::router::{ByteRange, RoutingTable};
+use crate::secret::redact_url;
+
+/// A configuration that passed every check, in the form the node uses.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The values as configured.
+    pub config: Config,
+    /// The routing table.
+    pub table: RoutingTable,
+    /// The NATS servers to connect to, or `None` when this node needs no
+    /// NATS: `nats_url` when set, else the default URL when the table names
+    /// other nodes.
+    pub nats_servers: Option<Vec<String>>,
+    /// How to authenticate to NATS and secure the connection.
+    pub security: Security,
+}
+
+impl Config {
+    /// Checks every value, once, and gives the settings the node runs with.
+    pub fn check(self) -> Result<Settings, Invalid> {
+        if !valid_node_name(&self.node) {
+            return Err(Invalid::at(
+                "node",
+                format!(
+                    "bad node name {:?}: use letters, digits, '_' and '-'",
+                    self.node
+                ),
+            ));
+        }
+        check_listen(&self.listen).map_err(|m| Invalid::at("listen", m))?;
+        let nats_servers = match &self.nats_url {
+            Some(urls) => Some(nats_servers(urls).map_err(|m| Invalid::at("nats_url", m))?),
+            None => self
+                .routes
+                .iter()
+                .flatten()
+                .any(|route| route.node != self.node)
+                .then(|| vec![DEFAULT_NATS_URL.to_string()]),
+        };
+        for &(key, min, max) in RANGES {
+            let value = self.numeric(key);
+            if value < min {
+                return Err(Invalid::at(
+                    key,
+                    format!("must be at least {min}, not {value}"),
+                ));
+            }
+            if value > max {
+                return Err(Invalid::at(
+                    key,
+                    format!("must be at most {max}, not {value}"),
+                ));
+            }
+        }
+        let table = self.routing_table()?;
+        self.check_security()?;
+        Ok(Settings {
+            table,
+            nats_servers,
+            security: self.security(),
+            config: self,
+        })
+    }
+
+    /// The NATS security settings.
+    fn security(&self) -> Security {
+        Security {
+            user_password: self.nats_user.clone().zip(self.nats_password.clone()),
+            token: self.nats_token.clone(),
+            creds_file: self.nats_creds.clone(),
+            nkey_file: self.nats_nkey.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_client: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
+        }
+    }
+
+    /// The value of a numeric key of [`RANGES`] (an unset optional key counts
+    /// as its smallest allowed value).
+    fn numeric(&self, key: &str) -> u64 {
+        match key {
+            "request_timeout_ms" => self.request_timeout_ms,
+            "max_hops" => u64::from(self.max_hops),
+            "max_line_bytes" => self.max_line_bytes as u64,
+            "max_value_bytes" => self.max_value_bytes as u64,
+            "max_connections" => self.max_connections as u64,
+            "max_buckets" => self.max_buckets as u64,
+            "idle_timeout_secs" => self.idle_timeout_secs.unwrap_or(1),
+            _ => 0,
+        }
+    }
+
+    fn check_security(&self) -> Result<(), Invalid> {
+        match (&self.nats_user, &self.nats_password) {
+            (Some(_), None) => {
+                return Err(Invalid::at(
+                    "nats_password",
+                    "nats_user needs nats_password",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Invalid::at("nats_user", "nats_password needs nats_user"));
+            }
+            _ => {}
+        }
+        let methods: Vec<&str> = [
+            ("nats_user", self.nats_user.is_some()),
+            ("nats_token", self.nats_token.is_some()),
+            ("nats_creds", self.nats_creds.is_some()),
+            ("nats_nkey", self.nats_nkey.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect();
+        if methods.len() > 1 {
+            return Err(Invalid::at(
+                methods[1],
+                format!(
+                    "choose one way to authenticate, not {}",
+                    methods.join(" and ")
+                ),
+            ));
+        }
+        match (&self.nats_tls_cert, &self.nats_tls_key) {
+            (Some(_), None) => {
+                return Err(Invalid::at(
+                    "nats_tls_key",
+                    "nats_tls_cert needs nats_tls_key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Invalid::at(
+                    "nats_tls_cert",
+                    "nats_tls_key needs nats_tls_cert",
+                ));
+            }
+            _ => {}
+        }
+        for (key, path) in [
+            ("nats_creds", &self.nats_creds),
+            ("nats_nkey", &self.nats_nkey),
+            ("nats_tls_ca", &self.nats_tls_ca),
+            ("nats_tls_cert", &self.nats_tls_cert),
+            ("nats_tls_key", &self.nats_tls_key),
+        ] {
+            if let Some(path) = path {
+                std::fs::metadata(path).map_err(|e| {
+                    Invalid::at(key, format!("cannot read {}: {e}", path.display()))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The routing table: the configured one, or one catch-all entry for this node.
+    fn routing_table(&self) -> Result<RoutingTable, Invalid> {
+        let Some(routes) = &self.routes else {
+            return Ok(RoutingTable::catch_all(&self.node));
+        };
+        let mut entries = Vec::with_capacity(routes.len());
+        for (i, route) in routes.iter().enumerate() {
+            let range: ByteRange = route
+                .range
+                .parse()
+                .map_err(|m| Invalid::route(i, "range", m))?;
+            entries.push((range, route.node.clone()));
+        }
+        RoutingTable::new(entries).map_err(|e| {
+            let field = if e.message.starts_with("bad node name") {
+                "node"
+            } else {
+                "range"
+            };
+            Invalid::route(e.index, field, e.message)
+        })
+    }
+}
+
+/// Every numeric key with its smallest and largest allowed value. The upper
+/// bounds keep each setting where the code that uses it stays correct (a
+/// semaphore's permits, a deadline that must not overflow) and are far above
+/// any sensible value.
+const RANGES: &[(&str, u64, u64)] = &[
+    ("request_timeout_ms", 1, 86_400_000),
+    ("max_hops", 1, 255),
+    ("max_line_bytes", 64, 1 << 30),
+    ("max_value_bytes", 1, 64 << 20),
+    ("max_connections", 1, 10_000_000),
+    ("max_buckets", 1, 1 << 32),
+    ("idle_timeout_secs", 1, 31_536_000),
+];
+
+/// A failed check of an extracted configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// The full key, e.g. `routes[1].range`.
+    pub key: String,
+    /// The top-level key, for finding the layer that set it.
+    pub top_key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Invalid {
+    fn at(key: &str, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            top_key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn route(index: usize, field: &str, message: impl Into<String>) -> Self {
+        Self {
+            key: format!("routes[{index}].{field}"),
+            top_key: "routes".into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: {}: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+/// Splits a comma-separated `nats_url` into server addresses, checking each.
+pub fn nats_servers(urls: &str) -> Result<Vec<String>, String> {
+    let servers: Vec<String> = urls.split(',').map(str::trim).map(str::to_owned).collect();
+    for server in &servers {
+        if server.is_empty() {
+            return Err(format!("empty server address in {urls:?}"));
+        }
+        // The NATS client would ignore them, and fail to authenticate forever.
+        if server.contains('@') {
+            return Err(format!(
+                "credentials in a server address ({}) are not used: \
+                 set nats_user and nats_password, or nats_token, instead",
+                redact_url(server)
+            ));
+        }
+        server
+            .parse::<async_nats::ServerAddr>()
+            .map_err(|e| format!("bad server address {:?}: {e}", redact_url(server)))?;
+    }
+    Ok(servers)
+}
+
+fn check_listen(listen: &str) -> Result<(), String> {
+    if listen.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    match listen.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!(
+            "bad address {listen:?}: use host:port, like 127.0.0.1:4040"
+        )),
+    }
+}
