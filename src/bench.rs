@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::command::Command;
+use crate::rng::XorShift;
 use crate::{protocol, wire};
 
 /// What is being measured.
@@ -494,33 +495,20 @@ pub fn parse_mix(mix: &str) -> Result<u32, String> {
     Ok(get)
 }
 
-/// A small, fast, seedable generator; statistical quality is not needed here.
-struct XorShift(u64);
+/// The seed of every connection's request stream: runs are repeatable.
+const SEED: u64 = 0x2545_F491_4F6C_DD1D;
 
-impl XorShift {
-    fn seeded(id: u64) -> Self {
-        Self(0x9E37_79B9_7F4A_7C15 ^ (id + 1).wrapping_mul(0x2545_F491_4F6C_DD1D))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A request: (is it a GET, which bucket-and-key).
-    fn pick(&mut self, opts: &BenchOptions, n: usize) -> (bool, usize) {
-        let get = (self.next() % 100) < u64::from(opts.get_percent);
-        (get, (self.next() % n as u64) as usize)
-    }
+/// A request: (is it a GET, which bucket-and-key).
+fn pick(rng: &mut XorShift, opts: &BenchOptions, n: usize) -> (bool, usize) {
+    let get = rng.below(100) < u64::from(opts.get_percent);
+    (get, rng.below(n as u64) as usize)
 }
 
 async fn connection(shared: Arc<Shared>, addr: String, id: u64) -> ConnResult {
     let opts = &shared.opts;
     let work = &shared.work;
     let mut conn = Conn::connect(&addr).await.map_err(|e| e.to_string())?;
-    let mut rng = XorShift::seeded(id);
+    let mut rng = XorShift::stream(SEED, id);
     let mut hist = new_histogram();
     let mut first_error = None;
     let mut batch = Vec::new();
@@ -535,7 +523,7 @@ async fn connection(shared: Arc<Shared>, addr: String, id: u64) -> ConnResult {
         batch.clear();
         sent.clear();
         for _ in 0..granted {
-            let (get, i) = rng.pick(opts, work.values.len());
+            let (get, i) = pick(&mut rng, opts, work.values.len());
             batch.extend_from_slice(if get { &work.gets[i] } else { &work.puts[i] });
             sent.push((get, i));
         }
@@ -661,14 +649,14 @@ async fn nats_requester(
     use futures_util::stream::{FuturesOrdered, StreamExt};
     let opts = &shared.opts;
     let work = &shared.work;
-    let mut rng = XorShift::seeded(id);
+    let mut rng = XorShift::stream(SEED, id);
     let mut hist = new_histogram();
     let mut first_error = None;
     let mut tally = Tally::default();
     let mut in_flight = FuturesOrdered::new();
     loop {
         while in_flight.len() < opts.pipeline && shared.grant(1) == 1 {
-            let (get, i) = rng.pick(opts, work.values.len());
+            let (get, i) = pick(&mut rng, opts, work.values.len());
             let body =
                 bytes::Bytes::copy_from_slice(if get { &work.gets[i] } else { &work.puts[i] });
             let client = client.clone();

@@ -78,18 +78,6 @@ impl<S: AsRef<str>> Command<S> {
             Command::Where { bucket } => Command::Where { bucket: f(bucket) },
         }
     }
-
-    /// The operation's name as it appears in the `op` field.
-    pub fn op(&self) -> &'static str {
-        match self {
-            Command::Create { .. } => "create",
-            Command::Put { .. } => "put",
-            Command::Get { .. } => "get",
-            Command::Delete { .. } => "delete",
-            Command::Drop { .. } => "drop",
-            Command::Where { .. } => "where",
-        }
-    }
 }
 
 /// A successful answer.

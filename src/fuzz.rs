@@ -211,23 +211,10 @@ fn fuzz_for_a_while() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let seed = std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
+    let seed = crate::rng::seed_from_env("FUZZ_SEED");
     println!("fuzzing for {seconds} s with FUZZ_SEED={seed}");
-    let mut state = seed | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut rng = crate::rng::XorShift::new(seed);
+    let mut next = move || rng.next_u64();
     // Mutate known-good inputs as well as pure noise.
     let seeds: &[&[u8]] = &[
         b"PUT shopping milk 1\r\nGET shopping milk\r\n",

@@ -22,22 +22,23 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod bench;
-pub mod command;
+mod command;
 pub mod config;
-pub mod error;
+mod error;
 #[cfg(test)]
 mod fuzz;
-pub mod mesh;
-pub mod node;
+mod mesh;
+mod node;
 pub mod ping;
-pub mod protocol;
-pub mod registry;
-pub mod router;
-pub mod secret;
-pub mod server;
-pub mod wire;
+mod protocol;
+mod registry;
+pub mod rng;
+mod router;
+mod secret;
+mod server;
+mod wire;
 
-pub use command::{Command, Limits, Reply};
-pub use config::{Config, ConfigError, Overrides};
-pub use error::{ErrorCode, KvError};
+pub use config::{Config, ConfigError, Overrides, Settings};
+pub use mesh::{MeshError, round_trip};
 pub use node::{Node, StartError};
+pub use router::RoutingTable;

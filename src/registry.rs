@@ -143,6 +143,7 @@ impl Bucket {
         }
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.shards
             .get()
@@ -273,11 +274,13 @@ impl Registry {
     }
 
     /// How many buckets this node holds.
+    #[cfg(test)]
     pub fn bucket_count(&self) -> usize {
         self.shared.buckets.read().len()
     }
 
     /// How many keys a bucket holds.
+    #[cfg(test)]
     pub fn key_count(&self, bucket: &str) -> Result<usize, KvError> {
         self.with_bucket(bucket, &mut BucketCache::default(), |b| b.len())
     }

@@ -26,11 +26,6 @@ impl ByteRange {
     /// Every byte, 0 to 255: the catch-all `*`.
     pub const ALL: ByteRange = ByteRange { lo: 0, hi: 255 };
 
-    /// Whether `byte` falls in the range.
-    pub fn contains(&self, byte: u8) -> bool {
-        (self.lo..=self.hi).contains(&byte)
-    }
-
     /// Whether this is the catch-all `*`.
     pub fn is_catch_all(&self) -> bool {
         *self == Self::ALL
@@ -271,11 +266,6 @@ impl Router {
             None => Coming::ready(vec![Err(KvError::mesh_unavailable()); commands.len()]),
         }
     }
-
-    /// Routes and runs a command wherever it belongs, and waits for the result.
-    pub async fn dispatch(&self, command: Command, hops: u32) -> Result<Reply, KvError> {
-        self.start(command, hops).await.finish().await
-    }
 }
 
 impl Handler for Router {
@@ -420,23 +410,22 @@ mod tests {
     #[tokio::test]
     async fn without_a_mesh_remote_buckets_are_unavailable() {
         let r = router(table(&[("a-m", "foo"), ("n-z", "bar")]).unwrap());
-        let res = r
-            .dispatch(
-                Command::Where {
-                    bucket: "nut".into(),
-                },
-                0,
-            )
-            .await;
-        assert_eq!(res, Err(KvError::mesh_unavailable()));
-        let res = r
-            .dispatch(
-                Command::Where {
-                    bucket: "apple".into(),
-                },
-                0,
-            )
-            .await;
-        assert_eq!(res, Ok(Reply::Node("foo".into())));
+        let result = |started: Started| async move {
+            match started {
+                Started::Done(result) => result,
+                Started::Forwarded(coming) => coming.first().await,
+            }
+        };
+        let nut = Command::Where {
+            bucket: "nut".into(),
+        };
+        let started = r.start(nut, 0).await;
+        assert!(matches!(started, Started::Forwarded(_)));
+        assert_eq!(result(started).await, Err(KvError::mesh_unavailable()));
+        let apple = Command::Where {
+            bucket: "apple".into(),
+        };
+        let started = r.start(apple, 0).await;
+        assert_eq!(result(started).await, Ok(Reply::Node("foo".into())));
     }
 }

@@ -100,18 +100,10 @@ impl Config {
     }
 
     fn check_security(&self) -> Result<(), Invalid> {
-        match (&self.nats_user, &self.nats_password) {
-            (Some(_), None) => {
-                return Err(Invalid::at(
-                    "nats_password",
-                    "nats_user needs nats_password",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(Invalid::at("nats_user", "nats_password needs nats_user"));
-            }
-            _ => {}
-        }
+        both(
+            ("nats_user", self.nats_user.is_some()),
+            ("nats_password", self.nats_password.is_some()),
+        )?;
         let methods: Vec<&str> = [
             ("nats_user", self.nats_user.is_some()),
             ("nats_token", self.nats_token.is_some()),
@@ -130,21 +122,10 @@ impl Config {
                 ),
             ));
         }
-        match (&self.nats_tls_cert, &self.nats_tls_key) {
-            (Some(_), None) => {
-                return Err(Invalid::at(
-                    "nats_tls_key",
-                    "nats_tls_cert needs nats_tls_key",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(Invalid::at(
-                    "nats_tls_cert",
-                    "nats_tls_key needs nats_tls_cert",
-                ));
-            }
-            _ => {}
-        }
+        both(
+            ("nats_tls_cert", self.nats_tls_cert.is_some()),
+            ("nats_tls_key", self.nats_tls_key.is_some()),
+        )?;
         for (key, path) in [
             ("nats_creds", &self.nats_creds),
             ("nats_nkey", &self.nats_nkey),
@@ -182,6 +163,15 @@ impl Config {
             };
             Invalid::route(e.index, field, e.message)
         })
+    }
+}
+
+/// Two keys that go together: both set or neither.
+fn both((a, a_set): (&str, bool), (b, b_set): (&str, bool)) -> Result<(), Invalid> {
+    match (a_set, b_set) {
+        (true, false) => Err(Invalid::at(b, format!("{a} needs {b}"))),
+        (false, true) => Err(Invalid::at(a, format!("{b} needs {a}"))),
+        _ => Ok(()),
     }
 }
 

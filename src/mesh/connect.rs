@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{Inner, Mesh, MeshError, Waiting};
+use super::{Delivery, Inner, LEFT, Mesh, MeshError, Waiting};
 use crate::secret::{Secret, redact_url};
 
 /// How to authenticate to NATS and secure the connection.
@@ -152,6 +152,7 @@ impl Mesh {
             .subscribe(format!("{inbox}.*"))
             .await
             .map_err(|e| MeshError::Connect(e.to_string()))?;
+
         let inner = Arc::new(Inner {
             client,
             timeout,
@@ -167,15 +168,22 @@ impl Mesh {
         tokio::spawn(async move {
             while let Some(message) = replies.next().await {
                 let Some(inner) = weak.upgrade() else { break };
-                let id: Option<u64> = message
-                    .subject
-                    .rsplit('.')
-                    .next()
-                    .and_then(|id| id.parse().ok());
-                if let Some(id) = id
+                let last = message.subject.rsplit('.').next().unwrap_or_default();
+                if last == LEFT {
+                    // A node that stopped has answered everything it was
+                    // given, and its replies came before this notice, on this
+                    // same subscription: the requests to it still waiting
+                    // were never run, and fail now instead of at their timeout.
+                    let owner = String::from_utf8_lossy(&message.payload);
+                    for waiter in inner.waiting.lock().values() {
+                        if *waiter.owner == *owner {
+                            let _ = waiter.tx.send(Delivery::Left);
+                        }
+                    }
+                } else if let Ok(id) = last.parse::<u64>()
                     && let Some(waiter) = inner.waiting.lock().get(&id)
                 {
-                    let _ = waiter.send(message);
+                    let _ = waiter.tx.send(Delivery::Reply(message));
                 }
             }
         });

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use async_nats::client::PublishErrorKind;
-use async_nats::{HeaderMap, Message, StatusCode};
+use async_nats::{HeaderMap, StatusCode};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 
-use super::{Coming, Inner, Mesh, node_subject};
+use super::{Coming, Delivery, Inner, Mesh, Waiter, node_subject};
 use crate::command::{Command, Reply};
 use crate::error::KvError;
 use crate::wire::{self, BadReply, HOPS_HEADER};
@@ -113,7 +113,13 @@ impl Mesh {
             flight.fail_rest(KvError::mesh_unavailable());
             return flight;
         }
-        inner.waiting.lock().insert(id, tx);
+        inner.waiting.lock().insert(
+            id,
+            Waiter {
+                owner: Arc::from(owner),
+                tx,
+            },
+        );
         let mut headers = HeaderMap::new();
         headers.insert(HOPS_HEADER, hops.to_string().as_str());
         let published = inner
@@ -214,7 +220,7 @@ async fn share_out(flights: Vec<InFlight>, shares: Vec<(usize, oneshot::Sender<A
 struct InFlight {
     inner: Arc<Inner>,
     id: u64,
-    rx: mpsc::UnboundedReceiver<Message>,
+    rx: mpsc::UnboundedReceiver<Delivery>,
     deadline: Instant,
     owner: String,
     commands: Vec<Command>,
@@ -239,7 +245,11 @@ impl InFlight {
                     self.lose_rest(KvError::mesh_unavailable());
                     break;
                 }
-                Ok(Some(message)) => message,
+                Ok(Some(Delivery::Reply(message))) => message,
+                Ok(Some(Delivery::Left)) => {
+                    self.fail_rest(KvError::node_unavailable(&self.owner));
+                    break;
+                }
             };
             // The server answers for an owner with no subscriber at once:
             // nothing ran.

@@ -102,16 +102,6 @@ pub enum Started {
     Forwarded(Coming),
 }
 
-impl Started {
-    /// The result, waiting for it if it comes from another node.
-    pub async fn finish(self) -> Result<Reply, KvError> {
-        match self {
-            Started::Done(result) => result,
-            Started::Forwarded(coming) => coming.first().await,
-        }
-    }
-}
-
 /// What runs a command that arrived over NATS (the router, in a node).
 pub trait Handler: Send + Sync + 'static {
     /// Routes `command`, which has made `hops` hops so far: runs it here or
@@ -158,10 +148,30 @@ struct Inner {
     connections: watch::Receiver<u64>,
 }
 
-/// Requests waiting for their reply, by id: where the reply's messages go (a
-/// large batch reply comes as several). A lock held for a map operation only,
-/// never across an `.await`.
-type Waiting = Mutex<HashMap<u64, mpsc::UnboundedSender<Message>>>;
+/// Requests waiting for their reply, by id: the owner asked, and where the
+/// reply's messages go (a large batch reply comes as several). A lock held
+/// for a map operation only, never across an `.await`.
+type Waiting = Mutex<HashMap<u64, Waiter>>;
+
+/// One request waiting for its reply.
+struct Waiter {
+    owner: Arc<str>,
+    tx: mpsc::UnboundedSender<Delivery>,
+}
+
+/// What reaches a request waiting for its reply.
+enum Delivery {
+    /// A message of the reply.
+    Reply(Message),
+    /// The owner's process has stopped, after answering everything it was
+    /// given: no reply is coming, and the request did not run.
+    Left,
+}
+
+/// The last token of the subject a stopping node sends, in each forwarding
+/// node's inbox, once it has answered all it was given (its name is the
+/// body): `<inbox>.left`.
+const LEFT: &str = "left";
 
 impl Mesh {
     /// Whether the client is connected to a NATS server right now.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::{Client, HeaderMap, Message, Subject, Subscriber};
 use futures_util::StreamExt;
+use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,7 +21,7 @@ use tracing::{debug, info};
 
 use super::names::{Instance, Tokens, instances_named, watch_for_duplicates};
 use super::service::{QUEUE_GROUP, Registration};
-use super::{Coming, Handler, Mesh, MeshError, Started, confirm, node_subject};
+use super::{Coming, Handler, LEFT, Mesh, MeshError, Started, confirm, node_subject};
 use crate::command::Limits;
 use crate::error::KvError;
 use crate::wire::{self, HOPS_HEADER, WireRequest};
@@ -71,7 +72,9 @@ impl Mesh {
         info!(subject = %node_subject(node), connected, "serving on NATS");
         let stop = CancellationToken::new();
         let deposed = CancellationToken::new();
+        let forwarders = Forwarders::default();
         let serve = ServeLoop {
+            forwarders: forwarders.clone(),
             client: client.clone(),
             handler,
             limits,
@@ -91,6 +94,8 @@ impl Mesh {
             },
         ));
         Ok(Serving {
+            node: node.to_owned(),
+            forwarders,
             listed,
             stop,
             deposed,
@@ -101,8 +106,36 @@ impl Mesh {
     }
 }
 
+/// The inboxes (reply subjects without their last token) of the nodes that
+/// forwarded requests here, to tell when this node stops. A handful in
+/// practice; bounded against a flood of made-up ones.
+#[derive(Clone, Default)]
+struct Forwarders(Arc<Mutex<Vec<String>>>);
+
+/// The most forwarding inboxes remembered.
+const MAX_FORWARDERS: usize = 1024;
+
+impl Forwarders {
+    fn note(&self, reply: &str) {
+        let Some((inbox, _)) = reply.rsplit_once('.') else {
+            return;
+        };
+        let mut inboxes = self.0.lock();
+        if !inboxes.iter().any(|known| known == inbox) && inboxes.len() < MAX_FORWARDERS {
+            inboxes.push(inbox.to_owned());
+        }
+    }
+
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Vec<String>> {
+        self.0.lock()
+    }
+}
+
 /// A running serve loop; stop it before draining the client.
 pub struct Serving {
+    node: String,
+    /// The inboxes of the nodes that forwarded to this one.
+    forwarders: Forwarders,
     /// Cancelled to leave the service API.
     listed: CancellationToken,
     stop: CancellationToken,
@@ -138,6 +171,18 @@ impl Serving {
         // instead of reaching a node that will not answer.
         if self.client.connection_state() == async_nats::connection::State::Connected {
             confirm(&self.client, self.timeout, "unsubscribing").await;
+            // Everything this node was given is answered: tell every node
+            // that forwarded to it, in the inbox its replies went to, so that
+            // a request the server delivered while the unsubscription was on
+            // its way (and that this node never saw) fails at once.
+            let inboxes = std::mem::take(&mut *self.forwarders.lock());
+            for inbox in inboxes {
+                let notice = format!("{inbox}.{LEFT}");
+                if let Err(err) = self.client.publish(notice, self.node.clone().into()).await {
+                    debug!(error = %err, "could not announce the stop");
+                }
+            }
+            confirm(&self.client, self.timeout, "announcing the stop").await;
         }
         self.listed.cancel();
     }
@@ -145,6 +190,7 @@ impl Serving {
 
 /// What the serve loop needs to answer a request.
 struct ServeLoop<H> {
+    forwarders: Forwarders,
     client: Client,
     handler: Arc<H>,
     limits: Limits,
@@ -208,6 +254,10 @@ impl<H: Handler> ServeLoop<H> {
             debug!(subject = %message.subject, "ignored a message without a reply subject");
             return;
         };
+        if message.headers.is_some() {
+            // Forwarded by a node (a person's request has no KV-Hops header).
+            self.forwarders.note(&to);
+        }
         let mut reply = Reply::new(&self.client, to, self.registration.clone());
         let hops = match hops_header(message.headers.as_ref()) {
             Ok(hops) => hops,

@@ -77,15 +77,7 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     let Some(mut cluster) = NatsCluster::start() else {
         return;
     };
-    let seed: u64 = std::env::var("CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64 | 1)
-                .unwrap_or(1)
-        });
+    let seed = seed_from_env("CHAOS_SEED");
     let seconds: u64 = std::env::var("CHAOS_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -130,7 +122,7 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
             1 => Some(bar.local_addr()),
             _ => None,
         };
-        let mut rng = XorShift(seed ^ (id + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = XorShift::stream(seed, id);
         clients.push(tokio::spawn(async move {
             let mut model: BTreeMap<(usize, u64), Possible> = BTreeMap::new();
             let mut conn = None;
@@ -243,7 +235,7 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     }
 
     // Faults.
-    let mut rng = XorShift(seed);
+    let mut rng = XorShift::new(seed);
     let mut faults = 0;
     let started = tokio::time::Instant::now();
     while started.elapsed() < Duration::from_secs(seconds) {

@@ -226,7 +226,7 @@ pub async fn nats_client(url: &str) -> async_nats::Client {
 /// Waits until the server has processed everything `client` sent before
 /// (its subscriptions, say): `flush` only writes the client's buffer.
 pub async fn nats_round_trip(client: &async_nats::Client) {
-    kvmesh::mesh::round_trip(client, STEP)
+    kvmesh::round_trip(client, STEP)
         .await
         .expect("round trip to the NATS server");
 }
@@ -395,7 +395,8 @@ impl LineClient {
     }
 }
 
-/// Resident memory of a process, in KiB (0 when it cannot be read).
+/// Resident memory of a process, in KiB. Fails the test when it cannot be
+/// read: a memory check that reads 0 would pass without checking anything.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -404,25 +405,10 @@ pub fn rss_kib(pid: u32) -> u64 {
                 .find(|l| l.starts_with("VmRSS:"))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("cannot read the resident memory of process {pid}"))
 }
 
-/// A small seedable generator, for reproducible test traffic and faults.
-pub struct XorShift(pub u64);
-
-impl XorShift {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A number below `n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+pub use kvmesh::rng::{XorShift, seed_from_env};
 
 /// Taken by the tests that load the whole machine (chaos, soak, thousands of
 /// connections), so that they run one at a time.

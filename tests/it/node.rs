@@ -1,8 +1,6 @@
 //! One node over a real TCP socket: the text protocol of docs/protocol.md section 1, byte
 //! for byte, with its limits.
 
-use std::sync::Arc;
-
 use kvmesh::Config;
 
 use crate::harness::*;
@@ -402,16 +400,7 @@ async fn shutdown_closes_connections_and_stops_listening() {
     let addr = node.local_addr();
     let mut c = LineClient::connect(addr).await;
     c.exchange("CREATE s", "OK\r\n").await;
-    let shared = Arc::new(tokio::sync::Notify::new());
-    let stopper = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            shared.notified().await;
-            node.shutdown().await;
-        })
-    };
-    shared.notify_one();
-    within("shutdown", stopper).await.expect("shutdown task");
+    within("shutdown", node.shutdown()).await;
     // After shutdown the connection is closed and nothing listens.
     c.expect_eof().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());

@@ -86,72 +86,35 @@ fn a_bad_configuration_exits_non_zero_naming_the_key_and_its_source() {
     std::fs::write(&file, "node = \"foo\"\n[[routes]]\nrange = \"a-m\"\nnode = \"foo\"\n[[routes]]\nrange = \"k-z\"\nnode = \"bar\"\n").unwrap();
     let file = file.to_str().expect("utf-8 path");
 
-    let cases: Vec<(Command, &str, &str)> = vec![
+    /// How each case sets the bad value.
+    enum Setup<'a> {
+        Env(&'a str, &'a str),
+        Args(&'a [&'a str]),
+    }
+    let config_flag = ["--config", file];
+    let cases: Vec<(Setup, &str, &str)> = vec![
+        (Setup::Args(&config_flag), "routes[1].range", file),
+        (Setup::Env("KVMESH_CONFIG", file), "routes[1].range", file),
+        (Setup::Env("KVMESH_NODE", "no good"), "node", "KVMESH_NODE"),
+        (Setup::Env("KVMESH_LISTNE", "x"), "listne", "KVMESH_LISTNE"),
+        (Setup::Args(&["--node", "a.b"]), "node", "--node"),
         (
-            {
-                let mut c = clean_command();
-                c.args(["--config", file]);
-                c
-            },
-            "routes[1].range",
-            file,
-        ),
-        (
-            {
-                let mut c = clean_command();
-                c.env("KVMESH_CONFIG", file);
-                c
-            },
-            "routes[1].range",
-            file,
-        ),
-        (
-            {
-                let mut c = clean_command();
-                c.env("KVMESH_NODE", "no good");
-                c
-            },
-            "node",
-            "KVMESH_NODE",
-        ),
-        (
-            {
-                let mut c = clean_command();
-                c.env("KVMESH_LISTNE", "x");
-                c
-            },
-            "listne",
-            "KVMESH_LISTNE",
-        ),
-        (
-            {
-                let mut c = clean_command();
-                c.args(["--node", "a.b"]);
-                c
-            },
-            "node",
-            "--node",
-        ),
-        (
-            {
-                let mut c = clean_command();
-                c.args(["--config", "/nonexistent/kv.toml"]);
-                c
-            },
+            Setup::Args(&["--config", "/nonexistent/kv.toml"]),
             "config",
             "/nonexistent/kv.toml",
         ),
         (
-            {
-                let mut c = clean_command();
-                c.env("KVMESH_MAX_HOPS", "many");
-                c
-            },
+            Setup::Env("KVMESH_MAX_HOPS", "many"),
             "max_hops",
             "KVMESH_MAX_HOPS",
         ),
     ];
-    for (mut cmd, key, source) in cases {
+    for (setup, key, source) in cases {
+        let mut cmd = clean_command();
+        match setup {
+            Setup::Env(name, value) => cmd.env(name, value),
+            Setup::Args(args) => cmd.args(args),
+        };
         let (code, _, stderr) = run(&mut cmd);
         assert_eq!(code, Some(2), "{stderr}");
         assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");

@@ -349,6 +349,15 @@ async fn under_the_shipped_permissions_nobody_can_answer_for_a_node() {
     for _ in 0..50 {
         c.exchange("GET zebra k", "real\r\nOK\r\n").await;
     }
+    // A reply in several messages is allowed too (two 400 KB answers do not
+    // fit one message).
+    let big = "b".repeat(400_000);
+    c.exchange(&format!("PUT zebra big {big}"), "OK\r\n").await;
+    c.send("GET zebra big\r\nGET zebra big\r\nGET zebra big\r\n")
+        .await;
+    for _ in 0..3 {
+        c.expect(&format!("{big}\r\nOK\r\n")).await;
+    }
     // ops can still use the mesh and the service API, as a person would.
     assert_eq!(
         nats_req(

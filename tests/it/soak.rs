@@ -21,10 +21,12 @@ async fn memory_stays_flat_under_steady_load() {
     } else {
         10
     };
+    // At least two seconds: the first is warm-up, memory is compared after it.
     let seconds: u64 = std::env::var("SOAK_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(default);
+        .unwrap_or(default)
+        .max(2);
     let p = spawn_kvmesh(&[]);
     let pid = p.child.id();
     let addr = p.addr;

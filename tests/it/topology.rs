@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kvmesh::Overrides;
-use kvmesh::router::RoutingTable;
+use kvmesh::RoutingTable;
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::harness::*;
