@@ -107,7 +107,7 @@ impl Node {
             max_line_bytes: config.max_line_bytes,
             max_connections: config.max_connections,
             idle_timeout: config.idle_timeout_secs.map(Duration::from_secs),
-            limits: Limits {
+            sizes: Limits {
                 max_value_bytes: config.max_value_bytes,
             },
         };
@@ -117,7 +117,7 @@ impl Node {
             Some(mesh) => {
                 mesh.check_value_limit(config.max_value_bytes);
                 let serving = mesh
-                    .serve(&config.node, router.clone(), limits.limits, tracker.clone())
+                    .serve(&config.node, router.clone(), limits.sizes, tracker.clone())
                     .await?;
                 Some((mesh, serving))
             }

@@ -14,6 +14,8 @@
 //!   the first space splits it, and a small entry costs one allocation of its
 //!   own size (a million 7-byte keys with 16-byte values fit in 32-byte blocks)
 //!   plus a 16-byte slot in an open-addressing table (`hashbrown`, `foldhash`).
+//!
+//! The second half of this file is its unit tests.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;

@@ -5,6 +5,9 @@
 //! strict in both directions: a request that is not exactly right becomes a
 //! `bad_request`, and a reply that could put anything but one clean line on a
 //! TCP client's screen is refused.
+//!
+//! Half of this file is its unit tests (every op, every malformed body, every
+//! reply shape), kept beside the code they hold to the wire format.
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;

@@ -8,7 +8,8 @@
 //! - [`describe`]: what `kvmesh check-config` prints.
 //!
 //! Every rejection names the key and the layer it came from, so an operator can
-//! tell a typo in a file from a stray environment variable.
+//! tell a typo in a file from a stray environment variable. Most of this file
+//! is the tests of loading (layers, sources, every refusal).
 
 mod describe;
 mod layers;

@@ -4,6 +4,7 @@
 //! - [`forward`]: sending commands to their owner, one queue per owner, and
 //!   collecting the answers;
 //! - [`serve`]: answering `kv.node.<name>` for the other nodes;
+//! - [`reply`]: a reply, in as many messages as it needs;
 //! - [`names`]: making sure no other process serves the same name;
 //! - [`service`]: the NATS service API entry (`nats micro ls|info|stats`);
 //! - this file: the [`Mesh`] handle they share, and stopping.
@@ -18,6 +19,7 @@
 mod connect;
 mod forward;
 mod names;
+mod reply;
 mod serve;
 mod service;
 

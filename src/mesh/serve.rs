@@ -1,17 +1,15 @@
 //! Serving `kv.node.<name>`: the serve loop that answers the other nodes (and
 //! `nats req`), and stopping it without leaving a delivered request unanswered.
 //!
-//! A batch's answers go out as they are made, in messages that fit the
-//! server's `max_payload`: a reply too large for one message comes as
-//! several, each `{"ok":true,"replies":[..]}` with the next answers in order,
-//! so a batch costs the owner at most about one message of memory however
-//! large its values, and no member fails because of its neighbours.
+//! A batch's answers go out as they are made (see [`super::reply`]), so a
+//! batch costs the owner at most about one message of memory however large
+//! its values, and no member fails because of its neighbours.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_nats::{Client, HeaderMap, Message, Subject, Subscriber};
+use async_nats::{Client, HeaderMap, Message, Subscriber};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
@@ -20,15 +18,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
 use super::names::{Instance, Tokens, instances_named, watch_for_duplicates};
+use super::reply::Reply;
 use super::service::{QUEUE_GROUP, Registration};
 use super::{Coming, Handler, LEFT, Mesh, MeshError, Started, confirm, node_subject};
 use crate::command::Limits;
 use crate::error::KvError;
 use crate::wire::{self, HOPS_HEADER, WireRequest};
-
-/// Published bytes of one batch reply after which the client's buffer is
-/// flushed before more is published: the bound on what a batch holds.
-const FLUSH_EVERY: usize = 4 * 1024 * 1024;
 
 impl Mesh {
     /// Registers the `kvmesh` service and serves `kv.node.<node>` with `handler`.
@@ -317,106 +312,6 @@ impl<H: Handler> ServeLoop<H> {
 enum Part {
     Ready(Vec<u8>),
     Later(Coming),
-}
-
-/// The reply to one request under way: a single body, or a batch's answers
-/// gathered into messages of at most `max_payload` bytes.
-struct Reply {
-    client: Client,
-    /// The requester's reply subject.
-    to: Subject,
-    /// Counts the request once its reply is out.
-    registration: Registration,
-    issued: Instant,
-    max: usize,
-    /// The message being filled: `{"ok":true,"replies":[` and answers.
-    body: Vec<u8>,
-    members: usize,
-    /// Bytes published since the client's buffer was last flushed.
-    unflushed: usize,
-}
-
-const BATCH_OPEN: &[u8] = br#"{"ok":true,"replies":["#;
-const BATCH_CLOSE: &[u8] = b"]}";
-
-impl Reply {
-    fn new(client: &Client, to: Subject, registration: Registration) -> Self {
-        Self {
-            max: client.max_payload(),
-            client: client.clone(),
-            to,
-            registration,
-            issued: Instant::now(),
-            body: Vec::new(),
-            members: 0,
-            unflushed: 0,
-        }
-    }
-
-    /// Sends the reply to a single request, or an error if it would not fit
-    /// one NATS message.
-    async fn single(self, mut body: Vec<u8>) {
-        if body.len() > self.max {
-            body = too_large();
-        }
-        self.send_last(body).await;
-    }
-
-    /// Sends the last (or only) message of a reply, and counts the request.
-    async fn send_last(self, body: Vec<u8>) {
-        if let Err(err) = self.client.publish(self.to, body.into()).await {
-            debug!(error = %err, "could not send a reply");
-        }
-        self.registration.count(self.issued.elapsed());
-    }
-
-    /// Adds a batch member's answer, sending the message so far first if the
-    /// answer would not fit in it.
-    async fn push(&mut self, mut part: Vec<u8>) {
-        if BATCH_OPEN.len() + part.len() + BATCH_CLOSE.len() > self.max {
-            part = too_large();
-        }
-        if self.members > 0 && self.body.len() + 1 + part.len() + BATCH_CLOSE.len() > self.max {
-            let body = self.close();
-            self.unflushed += body.len();
-            if let Err(err) = self.client.publish(self.to.clone(), body.into()).await {
-                debug!(error = %err, "could not send a reply");
-            }
-            if self.unflushed > FLUSH_EVERY {
-                self.unflushed = 0;
-                if let Err(err) = self.client.flush().await {
-                    debug!(error = %err, "could not flush replies");
-                }
-            }
-        }
-        if self.members == 0 {
-            self.body.extend_from_slice(BATCH_OPEN);
-        } else {
-            self.body.push(b',');
-        }
-        self.body.extend_from_slice(&part);
-        self.members += 1;
-    }
-
-    /// The message so far, closed; the next one starts empty.
-    fn close(&mut self) -> Vec<u8> {
-        if self.members == 0 {
-            self.body.extend_from_slice(BATCH_OPEN);
-        }
-        self.body.extend_from_slice(BATCH_CLOSE);
-        self.members = 0;
-        std::mem::take(&mut self.body)
-    }
-
-    /// Sends the last message of a batch reply.
-    async fn finish(mut self) {
-        let body = self.close();
-        self.send_last(body).await;
-    }
-}
-
-fn too_large() -> Vec<u8> {
-    wire::encode_reply(&Err(KvError::internal("reply too large for NATS")))
 }
 
 /// The hop count from every `KV-Hops` header value (the name matched without

@@ -213,7 +213,7 @@ impl<'r> Connection<'r> {
             let step = answer_frame(
                 frame,
                 self.router,
-                &self.limits.limits,
+                &self.limits.sizes,
                 &mut self.cache,
                 &mut self.gathered,
             );

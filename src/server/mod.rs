@@ -53,7 +53,7 @@ pub struct ServerLimits {
     /// How long a connection may send nothing before it is closed.
     pub idle_timeout: Option<Duration>,
     /// Name and value limits.
-    pub limits: Limits,
+    pub sizes: Limits,
 }
 
 /// Accepts connections until `shutdown` is cancelled; each connection is a task

@@ -7,22 +7,29 @@
 //! other answer counts as an error. A benchmark that accepted wrong answers would
 //! measure nothing. Requests are prepared before the run, so the client spends
 //! its time on sockets, not on formatting.
+//!
+//! This file is the run itself, read top to bottom: the options, the
+//! workload prepared from them, the run and its report (a little over 400
+//! lines, kept together because they are one flow). The connections that
+//! drive a target are in [`conn`] (kvmesh, Redis) and [`nats`] (the raw NATS
+//! yardstick).
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::command::Command;
-use crate::rng::XorShift;
 use crate::{protocol, wire};
+
+mod conn;
+mod nats;
+
+use conn::{Conn, connection};
+use nats::{nats_requester, nats_responder};
 
 /// What is being measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -408,60 +415,6 @@ async fn setup(opts: &BenchOptions, work: &Workload) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// A client connection with its own line reader.
-struct Conn {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl Conn {
-    async fn connect(addr: &str) -> Result<Self, BenchError> {
-        let target: SocketAddr = tokio::net::lookup_host(addr)
-            .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| BenchError::Setup(format!("cannot resolve {addr}")))?;
-        let stream = TcpStream::connect(target)
-            .await
-            .map_err(|e| BenchError::Setup(format!("cannot connect to {addr}: {e}")))?;
-        let _ = stream.set_nodelay(true);
-        Ok(Self {
-            stream,
-            buf: BytesMut::with_capacity(64 * 1024),
-        })
-    }
-
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), BenchError> {
-        self.stream
-            .write_all(bytes)
-            .await
-            .map_err(|e| BenchError::Setup(format!("write: {e}")))
-    }
-
-    /// The next line, without its `\r\n`.
-    async fn line(&mut self) -> Result<BytesMut, BenchError> {
-        loop {
-            if let Some(i) = memchr::memchr(b'\n', &self.buf) {
-                let mut line = self.buf.split_to(i + 1);
-                line.truncate(i);
-                if line.last() == Some(&b'\r') {
-                    line.truncate(i - 1);
-                }
-                return Ok(line);
-            }
-            self.buf.reserve(64 * 1024);
-            let n = self
-                .stream
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| BenchError::Setup(format!("read: {e}")))?;
-            if n == 0 {
-                return Err(BenchError::Setup("the server closed the connection".into()));
-            }
-        }
-    }
-}
-
 /// Parses `get=80,put=20` into the share of GETs.
 pub fn parse_mix(mix: &str) -> Result<u32, String> {
     let (mut get, mut put) = (None, None);
@@ -493,191 +446,4 @@ pub fn parse_mix(mix: &str) -> Result<u32, String> {
         return Err(format!("mix shares add up to {}, not 100", get + put));
     }
     Ok(get)
-}
-
-/// The seed of every connection's request stream: runs are repeatable.
-const SEED: u64 = 0x2545_F491_4F6C_DD1D;
-
-/// A request: (is it a GET, which bucket-and-key).
-fn pick(rng: &mut XorShift, opts: &BenchOptions, n: usize) -> (bool, usize) {
-    let get = rng.below(100) < u64::from(opts.get_percent);
-    (get, rng.below(n as u64) as usize)
-}
-
-async fn connection(shared: Arc<Shared>, addr: String, id: u64) -> ConnResult {
-    let opts = &shared.opts;
-    let work = &shared.work;
-    let mut conn = Conn::connect(&addr).await.map_err(|e| e.to_string())?;
-    let mut rng = XorShift::stream(SEED, id);
-    let mut hist = new_histogram();
-    let mut first_error = None;
-    let mut batch = Vec::new();
-    let mut sent = Vec::with_capacity(opts.pipeline);
-    let mut tally = Tally::default();
-    let err = |e: BenchError| e.to_string();
-    loop {
-        let granted = shared.grant(opts.pipeline as u64);
-        if granted == 0 {
-            break;
-        }
-        batch.clear();
-        sent.clear();
-        for _ in 0..granted {
-            let (get, i) = pick(&mut rng, opts, work.values.len());
-            batch.extend_from_slice(if get { &work.gets[i] } else { &work.puts[i] });
-            sent.push((get, i));
-        }
-        let start = Instant::now();
-        conn.send(&batch).await.map_err(err)?;
-        for &(get, i) in &sent {
-            let verdict = match opts.target {
-                Target::Redis => check_redis(&mut conn, get.then(|| &work.values[i][..])).await,
-                _ => check_kvmesh(&mut conn, get.then(|| &work.values[i][..])).await,
-            }
-            .map_err(err)?;
-            let _ = hist.record((start.elapsed().as_micros() as u64).max(1));
-            tally.count(verdict, &mut first_error);
-        }
-        shared.settle(&mut tally);
-    }
-    Ok((hist, first_error))
-}
-
-/// An answer's bytes, readable in an error message.
-fn show(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Reads a kvmesh answer: `OK` for a PUT; the value (or nothing) then `OK` for a GET.
-async fn check_kvmesh(
-    conn: &mut Conn,
-    get: Option<&[u8]>,
-) -> Result<Result<(), String>, BenchError> {
-    let first = conn.line().await?;
-    Ok(match get {
-        None if &first[..] == b"OK" => Ok(()),
-        None => Err(format!("PUT answered {:?}", show(&first))),
-        Some(_) if first.starts_with(b"ERROR") || &first[..] == b"NOT FOUND" => {
-            Err(format!("GET answered {:?}", show(&first)))
-        }
-        Some(value) => {
-            let second = conn.line().await?;
-            if &second[..] == b"OK" && (first.is_empty() || &first[..] == value) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "GET answered {:?} then {:?}, expected {:?}",
-                    show(&first),
-                    show(&second),
-                    show(value)
-                ))
-            }
-        }
-    })
-}
-
-/// Reads a RESP answer: `+OK` for SET; a bulk string (or nil) for GET.
-async fn check_redis(
-    conn: &mut Conn,
-    get: Option<&[u8]>,
-) -> Result<Result<(), String>, BenchError> {
-    let first = conn.line().await?;
-    Ok(match get {
-        None if &first[..] == b"+OK" => Ok(()),
-        None => Err(format!("SET answered {:?}", show(&first))),
-        Some(_) if &first[..] == b"$-1" => Ok(()),
-        Some(value) if first.first() == Some(&b'$') => {
-            let body = conn.line().await?;
-            if &body[..] == value {
-                Ok(())
-            } else {
-                Err(format!(
-                    "GET answered {:?}, expected {:?}",
-                    show(&body),
-                    show(value)
-                ))
-            }
-        }
-        Some(_) => Err(format!("GET answered {:?}", show(&first))),
-    })
-}
-
-/// Starts an in-process responder on a fresh subject that answers like a node
-/// would (a GET reply with the value), and returns the client and subject.
-async fn nats_responder(
-    url: &str,
-    opts: &BenchOptions,
-) -> Result<(async_nats::Client, String), BenchError> {
-    use futures_util::StreamExt;
-    let setup = |e: String| BenchError::Setup(format!("NATS {url}: {e}"));
-    let responder = async_nats::connect(url)
-        .await
-        .map_err(|e| setup(e.to_string()))?;
-    let subject = format!(
-        "kvmesh.bench.{}",
-        responder.new_inbox().rsplit('.').next().unwrap_or("x")
-    );
-    let mut requests = responder
-        .subscribe(subject.clone())
-        .await
-        .map_err(|e| setup(e.to_string()))?;
-    let reply: bytes::Bytes = format!(
-        r#"{{"ok":true,"value":"{}"}}"#,
-        value_for("k0", opts.value_size)
-    )
-    .into();
-    tokio::spawn(async move {
-        while let Some(msg) = requests.next().await {
-            if let Some(to) = msg.reply {
-                let _ = responder.publish(to, reply.clone()).await;
-            }
-        }
-    });
-    let client = async_nats::connect(url)
-        .await
-        .map_err(|e| setup(e.to_string()))?;
-    Ok((client, subject))
-}
-
-/// Keeps `pipeline` requests in flight on a shared NATS connection.
-async fn nats_requester(
-    shared: Arc<Shared>,
-    client: async_nats::Client,
-    subject: String,
-    id: u64,
-) -> ConnResult {
-    use futures_util::stream::{FuturesOrdered, StreamExt};
-    let opts = &shared.opts;
-    let work = &shared.work;
-    let mut rng = XorShift::stream(SEED, id);
-    let mut hist = new_histogram();
-    let mut first_error = None;
-    let mut tally = Tally::default();
-    let mut in_flight = FuturesOrdered::new();
-    loop {
-        while in_flight.len() < opts.pipeline && shared.grant(1) == 1 {
-            let (get, i) = pick(&mut rng, opts, work.values.len());
-            let body =
-                bytes::Bytes::copy_from_slice(if get { &work.gets[i] } else { &work.puts[i] });
-            let client = client.clone();
-            let subject = subject.clone();
-            in_flight.push_back(async move {
-                let start = Instant::now();
-                let reply = client.request(subject, body).await;
-                (start.elapsed(), reply)
-            });
-        }
-        let Some((took, reply)) = in_flight.next().await else {
-            break;
-        };
-        let _ = hist.record((took.as_micros() as u64).max(1));
-        let verdict = match reply {
-            Ok(msg) if msg.payload.starts_with(br#"{"ok":true"#) => Ok(()),
-            Ok(msg) => Err(format!("reply {:?}", String::from_utf8_lossy(&msg.payload))),
-            Err(e) => Err(e.to_string()),
-        };
-        tally.count(verdict, &mut first_error);
-        shared.settle(&mut tally);
-    }
-    Ok((hist, first_error))
 }
