@@ -36,6 +36,7 @@ pub mod rng;
 mod router;
 mod secret;
 mod server;
+mod store;
 mod wire;
 
 pub use config::{Config, ConfigError, Overrides, Settings};

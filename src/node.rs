@@ -12,12 +12,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::command::Limits;
-use crate::config::Settings;
+use crate::config::{Durability, Settings};
 use crate::mesh::{Mesh, MeshError, Serving};
 use crate::registry::Registry;
 use crate::router::Router;
 use crate::secret::redact_url;
 use crate::server::{self, ServerLimits};
+use crate::store::Store;
 
 /// Pending connections the kernel queues for us. The usual 128 drops connects
 /// during a burst of a thousand; the kernel caps this at `net.core.somaxconn`.
@@ -83,7 +84,15 @@ impl Node {
                 .join(","),
             None => "not needed (this node owns every routed bucket)".to_string(),
         };
-        info!(node = %config.node, %addr, routes = %table, %nats, "kvmesh node starting");
+        let durability = match config.durability {
+            Durability::Memory => "memory".to_string(),
+            Durability::Jetstream => format!(
+                "jetstream (store {}, {} replicas)",
+                crate::store::store_name(&config.node),
+                config.replicas
+            ),
+        };
+        info!(node = %config.node, %addr, routes = %table, %nats, %durability, "kvmesh node starting");
         let mesh = match &servers {
             Some(servers) => Some(
                 Mesh::connect(
@@ -96,13 +105,26 @@ impl Node {
             ),
             None => None,
         };
-        let router = Arc::new(Router::new(
-            &config.node,
-            table,
-            Registry::with_max_buckets(config.max_buckets),
-            mesh.clone(),
-            config.max_hops,
-        ));
+        let registry = Registry::with_max_buckets(config.max_buckets);
+        // A durable node loads its store before it answers anything.
+        let store = match (&mesh, config.durability) {
+            (Some(mesh), Durability::Jetstream) => Some(
+                Store::open(
+                    mesh.client(),
+                    &config.node,
+                    config.replicas as usize,
+                    registry.clone(),
+                    Duration::from_millis(config.request_timeout_ms),
+                )
+                .await,
+            ),
+            _ => None,
+        };
+        let mut router = Router::new(&config.node, table, registry, mesh.clone(), config.max_hops);
+        if let Some(store) = store {
+            router = router.with_store(store);
+        }
+        let router = Arc::new(router);
         let limits = ServerLimits {
             max_line_bytes: config.max_line_bytes,
             max_connections: config.max_connections,

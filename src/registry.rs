@@ -64,6 +64,8 @@ impl Entry {
 /// A bucket: its keys spread over shards. The shards (2 KiB) come with the
 /// first key, so an empty bucket costs little more than its name.
 struct Bucket {
+    /// Which CREATE made it (a durable store's key prefix; 0 in memory).
+    generation: u64,
     hasher: DefaultHashBuilder,
     shards: OnceLock<Box<[Shard; SHARDS]>>,
 }
@@ -83,8 +85,9 @@ impl std::ops::Deref for Shard {
 }
 
 impl Bucket {
-    fn new() -> Self {
+    fn new(generation: u64) -> Self {
         Self {
+            generation,
             hasher: DefaultHashBuilder::default(),
             shards: OnceLock::new(),
         }
@@ -228,7 +231,7 @@ impl Registry {
                         if buckets.len() >= self.shared.max_buckets {
                             return Err(KvError::internal("too many buckets"));
                         }
-                        buckets.insert(bucket.into(), Arc::new(Bucket::new()));
+                        buckets.insert(bucket.into(), Arc::new(Bucket::new(0)));
                     }
                 }
                 Ok(Reply::Ok)
@@ -260,6 +263,31 @@ impl Registry {
             }
             Command::Where { .. } => Err(KvError::internal("WHERE reached the registry")),
         }
+    }
+
+    /// Creates `bucket` as a durable store's CREATE of `generation` made it
+    /// (replacing a bucket of that name, which cannot exist then).
+    pub fn create_with_generation(&self, bucket: &str, generation: u64) {
+        self.shared
+            .buckets
+            .write()
+            .insert(bucket.into(), Arc::new(Bucket::new(generation)));
+    }
+
+    /// The generation of `bucket`, if it exists.
+    pub fn generation(&self, bucket: &str) -> Option<u64> {
+        self.shared.buckets.read().get(bucket).map(|b| b.generation)
+    }
+
+    /// Whether one more bucket fits under `max_buckets`.
+    pub fn has_room(&self) -> bool {
+        self.shared.buckets.read().len() < self.shared.max_buckets
+    }
+
+    /// Forgets every bucket (before loading a store).
+    pub fn clear(&self) {
+        self.shared.buckets.write().clear();
+        self.shared.drops.fetch_add(1, Ordering::Release);
     }
 
     /// Reads a value in place: `f` sees it (or `None` for a missing key) under

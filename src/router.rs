@@ -14,6 +14,7 @@ use crate::error::KvError;
 
 use crate::mesh::{Coming, Handler, Mesh, Started};
 use crate::registry::Registry;
+use crate::store::Store;
 
 /// An inclusive range of first bytes: `a-m`, `x`, or `*` (every byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +183,8 @@ pub struct Router {
     table: RoutingTable,
     registry: Registry,
     mesh: Option<Mesh>,
+    /// A durable node's store; `None` in memory.
+    store: Option<Store>,
     max_hops: u32,
     /// Whether this node owns the buckets starting with each byte, worked out
     /// once so that a request's routing is one lookup, not a name comparison.
@@ -203,8 +206,48 @@ impl Router {
             table,
             registry,
             mesh,
+            store: None,
             max_hops,
             local,
+        }
+    }
+
+    /// This router, with its node's buckets kept durable in `store`.
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Whether a local command must go through the store rather than be
+    /// answered from memory now: every write of a durable node, and a read
+    /// while writes are on their way (`queued_before` says whether the same
+    /// client has some queued already), so that it sees them.
+    pub fn must_wait_for_store<S: AsRef<str>>(
+        &self,
+        command: &Command<S>,
+        queued_before: bool,
+    ) -> bool {
+        let Some(store) = &self.store else {
+            return false;
+        };
+        match command {
+            Command::Get { .. } => queued_before || !store.is_idle(),
+            Command::Where { .. } => false,
+            _ => true,
+        }
+    }
+
+    /// Queues local commands in the store (a durable node's writes, and the
+    /// reads that wait their turn behind them); their answers to come.
+    pub async fn store_submit(&self, commands: Vec<Command>) -> Coming {
+        match &self.store {
+            Some(store) => store.submit(commands).await,
+            None => Coming::ready(
+                commands
+                    .iter()
+                    .map(|c| self.execute_local(c.borrowed()))
+                    .collect(),
+            ),
         }
     }
 
@@ -248,6 +291,9 @@ impl Router {
     /// answer. Commands started one after the other take effect in that order.
     pub async fn start(&self, command: Command, hops: u32) -> Started {
         match self.target(&command, hops) {
+            Ok(Target::Local) if self.must_wait_for_store(&command, false) => {
+                Started::Forwarded(self.store_submit(vec![command]).await)
+            }
             Ok(Target::Local) => Started::Done(self.execute_local(command.borrowed())),
             Ok(Target::Remote(owner)) => {
                 Started::Forwarded(self.forward(owner, vec![command], hops).await)

@@ -15,6 +15,8 @@ const KEYS: &[&str] = &[
     "max_value_bytes",
     "max_connections",
     "max_buckets",
+    "durability",
+    "replicas",
     "idle_timeout_secs",
     "nats_user",
     "nats_password",

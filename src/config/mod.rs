@@ -61,6 +61,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Most buckets this node holds; a CREATE past it is refused.
     pub max_buckets: usize,
+    /// Where this node's buckets live: memory only, or JetStream too.
+    pub durability: Durability,
+    /// JetStream replicas of a durable node's store (1 to 5).
+    pub replicas: u32,
     /// Close a TCP connection that sends nothing for this long; unset: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_secs: Option<u64>,
@@ -97,6 +101,16 @@ pub struct Config {
     pub nats_tls_key: Option<PathBuf>,
 }
 
+/// Where a node's buckets live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// In memory only: they live and die with the process.
+    Memory,
+    /// In the JetStream KV bucket `kvmesh_<node>`, with a copy in memory.
+    Jetstream,
+}
+
 /// One `[[routes]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +135,8 @@ impl Default for Config {
             max_value_bytes: 512 * 1024,
             max_connections: 10_000,
             max_buckets: 1_000_000,
+            durability: Durability::Memory,
+            replicas: 1,
             idle_timeout_secs: None,
             routes: None,
             nats_user: None,

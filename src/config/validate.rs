@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use super::{Config, DEFAULT_NATS_URL};
+use super::{Config, DEFAULT_NATS_URL, Durability};
 use crate::command::valid_node_name;
 use crate::mesh::Security;
 use crate::router::{ByteRange, RoutingTable};
@@ -38,14 +38,16 @@ impl Config {
             ));
         }
         check_listen(&self.listen).map_err(|m| Invalid::at("listen", m))?;
+        // NATS is needed to reach other nodes, and for a durable store.
         let nats_servers = match &self.nats_url {
             Some(urls) => Some(nats_servers(urls).map_err(|m| Invalid::at("nats_url", m))?),
-            None => self
-                .routes
-                .iter()
-                .flatten()
-                .any(|route| route.node != self.node)
-                .then(|| vec![DEFAULT_NATS_URL.to_string()]),
+            None => (self.durability == Durability::Jetstream
+                || self
+                    .routes
+                    .iter()
+                    .flatten()
+                    .any(|route| route.node != self.node))
+            .then(|| vec![DEFAULT_NATS_URL.to_string()]),
         };
         for &(key, min, max) in RANGES {
             let value = self.numeric(key);
@@ -94,6 +96,7 @@ impl Config {
             "max_value_bytes" => self.max_value_bytes as u64,
             "max_connections" => self.max_connections as u64,
             "max_buckets" => self.max_buckets as u64,
+            "replicas" => u64::from(self.replicas),
             "idle_timeout_secs" => self.idle_timeout_secs.unwrap_or(1),
             _ => 0,
         }
@@ -186,6 +189,7 @@ const RANGES: &[(&str, u64, u64)] = &[
     ("max_value_bytes", 1, 64 << 20),
     ("max_connections", 1, 10_000_000),
     ("max_buckets", 1, 1 << 32),
+    ("replicas", 1, 5),
     ("idle_timeout_secs", 1, 31_536_000),
 ];
 

@@ -70,7 +70,8 @@ impl Coming {
         Self { rx, len }
     }
 
-    fn new(rx: oneshot::Receiver<Answers>, len: usize) -> Self {
+    /// Answers that `rx` will bring, `len` of them.
+    pub(crate) fn new(rx: oneshot::Receiver<Answers>, len: usize) -> Self {
         Self { rx, len }
     }
 
@@ -176,6 +177,11 @@ enum Delivery {
 const LEFT: &str = "left";
 
 impl Mesh {
+    /// The NATS client, for the other users of the connection (the store).
+    pub(crate) fn client(&self) -> Client {
+        self.inner.client.clone()
+    }
+
     /// Whether the client is connected to a NATS server right now.
     pub fn is_connected(&self) -> bool {
         self.inner.client.connection_state() == State::Connected

@@ -31,22 +31,28 @@ pub(crate) fn answer_frame(
     cache: &mut BucketCache,
     gathered: &mut Gathered,
 ) -> Step {
-    let out = &mut gathered.out;
     match frame {
-        Frame::TooLong => protocol::write_line_error(out, &LineError::TooLong),
+        Frame::TooLong => protocol::write_line_error(&mut gathered.out, &LineError::TooLong),
         Frame::Line(line) => match protocol::parse(line, limits) {
-            Ok(Request::Ping) => out.put_slice(protocol::PONG),
+            Ok(Request::Ping) => gathered.out.put_slice(protocol::PONG),
             Ok(Request::Quit) => return Step::Quit,
             Ok(Request::Op(command)) => match router.target(&command, 0) {
-                Ok(Target::Local) => answer_local(router, command, out, cache),
-                Ok(Target::Remote(owner)) => {
-                    if gathered.forward(owner, command.owned()) {
+                Ok(Target::Local)
+                    if router.must_wait_for_store(&command, gathered.holds_store_work()) =>
+                {
+                    if gathered.forward(None, command.owned()) {
                         return Step::Forward;
                     }
                 }
-                Err(err) => protocol::write_result(out, &Err(err)),
+                Ok(Target::Local) => answer_local(router, command, &mut gathered.out, cache),
+                Ok(Target::Remote(owner)) => {
+                    if gathered.forward(Some(owner), command.owned()) {
+                        return Step::Forward;
+                    }
+                }
+                Err(err) => protocol::write_result(&mut gathered.out, &Err(err)),
             },
-            Err(err) => protocol::write_line_error(out, &err),
+            Err(err) => protocol::write_line_error(&mut gathered.out, &err),
         },
     }
     Step::Next

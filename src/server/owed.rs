@@ -139,7 +139,8 @@ pub(crate) struct Gathered {
     items: Vec<GatheredItem>,
     /// Bytes of the `Ready` items.
     held: usize,
-    groups: Vec<(String, Vec<Command>)>,
+    /// Commands per target: another node, or (`None`) this node's store.
+    groups: Vec<(Option<String>, Vec<Command>)>,
 }
 
 enum GatheredItem {
@@ -174,17 +175,24 @@ impl Gathered {
         ready
     }
 
-    /// Adds a command for another node; true when its group is full.
-    pub(super) fn forward(&mut self, owner: &str, command: Command) -> bool {
+    /// Whether a command of this read waits for this node's store: a read
+    /// after it must wait its turn too.
+    pub(super) fn holds_store_work(&self) -> bool {
+        self.groups.iter().any(|(owner, _)| owner.is_none())
+    }
+
+    /// Adds a command for another node (`Some(owner)`) or for this node's
+    /// store (`None`); true when its group is full.
+    pub(super) fn forward(&mut self, owner: Option<&str>, command: Command) -> bool {
         if !self.out.is_empty() {
             let ready = self.take_out();
             self.held += ready.len();
             self.items.push(GatheredItem::Ready(ready));
         }
-        let group = match self.groups.iter().position(|(o, _)| o == owner) {
+        let group = match self.groups.iter().position(|(o, _)| o.as_deref() == owner) {
             Some(g) => g,
             None => {
-                self.groups.push((owner.to_owned(), Vec::new()));
+                self.groups.push((owner.map(str::to_owned), Vec::new()));
                 self.groups.len() - 1
             }
         };
@@ -202,8 +210,12 @@ impl Gathered {
         let base = owed.first_group + owed.groups.len() as u64;
         for (owner, commands) in self.groups.drain(..) {
             let len = commands.len();
+            let coming = match owner {
+                Some(owner) => router.forward(&owner, commands, 0).await,
+                None => router.store_submit(commands).await,
+            };
             owed.groups.push_back(Group {
-                coming: Some(router.forward(&owner, commands, 0).await),
+                coming: Some(coming),
                 answers: Vec::new(),
                 left: len,
             });

