@@ -103,7 +103,7 @@ fn frame_and_answer(input: &[u8], chunks: &[usize], max_line: usize) -> (BytesMu
     let mut cache = BucketCache::default();
     let mut gathered = Gathered::new();
     let mut answer = |frame: Frame, gathered: &mut Gathered| {
-        if answer_frame(frame, &router, &LIMITS, &mut cache, gathered) == Step::Quit {
+        if answer_frame(frame, &router, &LIMITS, &mut cache, gathered, false) == Step::Quit {
             gathered.out.extend_from_slice(protocol::BYE);
         }
     };

@@ -77,11 +77,12 @@ enum Cmd {
 
 #[derive(Debug, clap::Args)]
 struct BenchArgs {
-    /// What to drive: kvmesh nodes, Redis (over RESP, for comparison), or a bare
-    /// NATS request/reply responder run by the benchmark (the floor of a routed request).
+    /// What to drive: kvmesh nodes, Redis (over RESP, for comparison), a bare
+    /// NATS request/reply responder run by the benchmark (the floor of a routed
+    /// request), or a JetStream KV bucket (what a durable node is compared with).
     #[arg(long, value_enum, default_value_t = BenchTarget::Kvmesh)]
     target: BenchTarget,
-    /// Address (host:port; a NATS URL for --target nats); repeat to spread
+    /// Address (host:port; a NATS URL for --target nats and jetstream); repeat to spread
     /// connections over several nodes.
     #[arg(long = "addr", default_value = "127.0.0.1:4040")]
     addrs: Vec<String>,
@@ -122,6 +123,7 @@ enum BenchTarget {
     Kvmesh,
     Redis,
     Nats,
+    Jetstream,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -233,6 +235,7 @@ fn bench(args: BenchArgs) -> ExitCode {
             BenchTarget::Kvmesh => kvmesh::bench::Target::Kvmesh,
             BenchTarget::Redis => kvmesh::bench::Target::Redis,
             BenchTarget::Nats => kvmesh::bench::Target::Nats,
+            BenchTarget::Jetstream => kvmesh::bench::Target::Jetstream,
         },
         addrs: args.addrs,
         conns: args.conns,

@@ -218,20 +218,28 @@ impl Router {
         self
     }
 
+    /// Whether this node keeps its buckets in a store.
+    pub fn is_durable(&self) -> bool {
+        self.store.is_some()
+    }
+
     /// Whether a local command must go through the store rather than be
     /// answered from memory now: every write of a durable node, and a read
-    /// while writes are on their way (`queued_before` says whether the same
-    /// client has some queued already), so that it sees them.
+    /// that must not overtake a write on its way. `client_waits` says whether
+    /// the client that sent the read has writes on their way (a TCP
+    /// connection knows); when it is unknown (`None`: a request over NATS,
+    /// which cannot tell one client from another) a read waits while any
+    /// write is on its way.
     pub fn must_wait_for_store<S: AsRef<str>>(
         &self,
         command: &Command<S>,
-        queued_before: bool,
+        client_waits: Option<bool>,
     ) -> bool {
         let Some(store) = &self.store else {
             return false;
         };
         match command {
-            Command::Get { .. } => queued_before || !store.is_idle(),
+            Command::Get { .. } => client_waits.unwrap_or_else(|| !store.is_idle()),
             Command::Where { .. } => false,
             _ => true,
         }
@@ -291,7 +299,7 @@ impl Router {
     /// answer. Commands started one after the other take effect in that order.
     pub async fn start(&self, command: Command, hops: u32) -> Started {
         match self.target(&command, hops) {
-            Ok(Target::Local) if self.must_wait_for_store(&command, false) => {
+            Ok(Target::Local) if self.must_wait_for_store(&command, None) => {
                 Started::Forwarded(self.store_submit(vec![command]).await)
             }
             Ok(Target::Local) => Started::Done(self.execute_local(command.borrowed())),

@@ -29,7 +29,7 @@ mod conn;
 mod nats;
 
 use conn::{Conn, connection};
-use nats::{nats_requester, nats_responder};
+use nats::{jetstream_requester, jetstream_setup, nats_requester, nats_responder};
 
 /// What is being measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,10 @@ pub enum Target {
     /// Raw NATS request/reply against a responder the benchmark runs itself:
     /// the floor of one routed request.
     Nats,
+    /// A JetStream key-value client on the KV bucket `kvmesh_bench` (made
+    /// afresh; bucket `b` and key `k` become the KV key `b.k`): what a user
+    /// would pick instead of a durable kvmesh node.
+    Jetstream,
 }
 
 /// What to run.
@@ -165,6 +169,11 @@ impl Workload {
                         w.gets.push(resp(&["GET", &rkey]));
                         w.puts.push(resp(&["SET", &rkey, &value]));
                     }
+                    Target::Jetstream => {
+                        // The KV key, and the value to put.
+                        w.gets.push(format!("{bucket}.{key}").into_bytes());
+                        w.puts.push(value.clone().into_bytes());
+                    }
                     Target::Nats => {
                         w.gets
                             .push(wire::encode_request(&Command::Get { bucket, key: &key }));
@@ -274,8 +283,13 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         ));
     }
     let work = Workload::new(&opts);
+    let mut kv = None;
     let nats = match opts.target {
         Target::Nats => Some(nats_responder(&opts.addrs[0], &opts).await?),
+        Target::Jetstream => {
+            kv = Some(jetstream_setup(&opts.addrs[0], &opts, &work).await?);
+            None
+        }
         _ => {
             setup(&opts, &work).await?;
             None
@@ -295,11 +309,12 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     for i in 0..opts.conns {
         let shared = shared.clone();
         let id = i as u64;
-        tasks.push(match &nats {
-            Some((client, subject)) => {
+        tasks.push(match (&nats, &kv) {
+            (Some((client, subject)), _) => {
                 tokio::spawn(nats_requester(shared, client.clone(), subject.clone(), id))
             }
-            None => {
+            (None, Some(kv)) => tokio::spawn(jetstream_requester(shared, kv.clone(), id)),
+            (None, None) => {
                 let addr = opts.addrs[i % opts.addrs.len()].clone();
                 tokio::spawn(connection(shared, addr, id))
             }

@@ -1,5 +1,6 @@
-//! The raw NATS yardstick: a responder that answers like a node would, and
-//! requesters that drive it with the same workload.
+//! The NATS yardsticks: raw request/reply (a responder that answers like a
+//! node would, and requesters that drive it), and a JetStream KV client
+//! doing the same GET/PUT mix on a KV bucket.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -7,7 +8,9 @@ use std::time::Instant;
 use crate::rng::XorShift;
 
 use super::conn::{SEED, pick};
-use super::{BenchError, BenchOptions, ConnResult, Shared, Tally, new_histogram, value_for};
+use super::{
+    BenchError, BenchOptions, ConnResult, Shared, Tally, Workload, new_histogram, value_for,
+};
 
 /// Starts an in-process responder on a fresh subject that answers like a node
 /// would (a GET reply with the value), and returns the client and subject.
@@ -83,6 +86,100 @@ pub(super) async fn nats_requester(
             Ok(msg) => Err(format!("reply {:?}", String::from_utf8_lossy(&msg.payload))),
             Err(e) => Err(e.to_string()),
         };
+        tally.count(verdict, &mut first_error);
+        shared.settle(&mut tally);
+    }
+    Ok((hist, first_error))
+}
+
+/// The KV bucket the JetStream yardstick uses.
+const BENCH_KV: &str = "kvmesh_bench";
+
+/// Makes the KV bucket `kvmesh_bench` afresh (one replica) and, with
+/// `prefill`, writes every key once (publishes in flight together).
+pub(super) async fn jetstream_setup(
+    url: &str,
+    opts: &BenchOptions,
+    work: &Workload,
+) -> Result<async_nats::jetstream::kv::Store, BenchError> {
+    use async_nats::jetstream::{self, kv};
+    let setup = |e: String| BenchError::Setup(format!("JetStream {url}: {e}"));
+    let client = async_nats::connect(url)
+        .await
+        .map_err(|e| setup(e.to_string()))?;
+    let js = jetstream::new(client);
+    let _ = js.delete_key_value(BENCH_KV).await;
+    let store = js
+        .create_key_value(kv::Config {
+            bucket: BENCH_KV.into(),
+            history: 1,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| setup(e.to_string()))?;
+    if opts.prefill {
+        for chunk in work.gets.chunks(512).zip(work.puts.chunks(512)) {
+            let mut acks = Vec::with_capacity(chunk.0.len());
+            for (key, value) in chunk.0.iter().zip(chunk.1) {
+                let subject = format!("$KV.{BENCH_KV}.{}", String::from_utf8_lossy(key));
+                let ack = js
+                    .publish(subject, bytes::Bytes::copy_from_slice(value))
+                    .await
+                    .map_err(|e| setup(e.to_string()))?;
+                acks.push(ack);
+            }
+            for ack in acks {
+                ack.await.map_err(|e| setup(e.to_string()))?;
+            }
+        }
+    }
+    Ok(store)
+}
+
+/// Keeps `pipeline` KV requests in flight (a GET is `kv.get`, a PUT
+/// `kv.put`, each a JetStream round trip), checking every answer.
+pub(super) async fn jetstream_requester(
+    shared: Arc<Shared>,
+    kv: async_nats::jetstream::kv::Store,
+    id: u64,
+) -> ConnResult {
+    use futures_util::stream::{FuturesOrdered, StreamExt};
+    let opts = &shared.opts;
+    let work = &shared.work;
+    let mut rng = XorShift::stream(SEED, id);
+    let mut hist = new_histogram();
+    let mut first_error = None;
+    let mut tally = Tally::default();
+    let mut in_flight = FuturesOrdered::new();
+    loop {
+        while in_flight.len() < opts.pipeline && shared.grant(1) == 1 {
+            let (get, i) = pick(&mut rng, opts, work.values.len());
+            let key = String::from_utf8_lossy(&work.gets[i]).into_owned();
+            let value = bytes::Bytes::copy_from_slice(&work.puts[i]);
+            let kv = kv.clone();
+            in_flight.push_back(async move {
+                let start = Instant::now();
+                let verdict = if get {
+                    match kv.get(&key).await {
+                        Ok(None) => Ok(()),
+                        Ok(Some(found)) if found == value => Ok(()),
+                        Ok(Some(found)) => Err(format!("GET {key} found {found:?}")),
+                        Err(e) => Err(e.to_string()),
+                    }
+                } else {
+                    kv.put(&key, value)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                };
+                (start.elapsed(), verdict)
+            });
+        }
+        let Some((took, verdict)) = in_flight.next().await else {
+            break;
+        };
+        let _ = hist.record((took.as_micros() as u64).max(1));
         tally.count(verdict, &mut first_error);
         shared.settle(&mut tally);
     }

@@ -22,7 +22,9 @@ pub(crate) enum Step {
 }
 
 /// Answers one frame: into `gathered.out` when it can be answered here, or
-/// as a command for another node.
+/// as a command for another node or for this node's store. `store_owed` says
+/// whether this connection waits for its store already (a read then waits
+/// its turn behind).
 #[inline]
 pub(crate) fn answer_frame(
     frame: Frame<'_>,
@@ -30,6 +32,7 @@ pub(crate) fn answer_frame(
     limits: &Limits,
     cache: &mut BucketCache,
     gathered: &mut Gathered,
+    store_owed: bool,
 ) -> Step {
     match frame {
         Frame::TooLong => protocol::write_line_error(&mut gathered.out, &LineError::TooLong),
@@ -38,7 +41,10 @@ pub(crate) fn answer_frame(
             Ok(Request::Quit) => return Step::Quit,
             Ok(Request::Op(command)) => match router.target(&command, 0) {
                 Ok(Target::Local)
-                    if router.must_wait_for_store(&command, gathered.holds_store_work()) =>
+                    if router.must_wait_for_store(
+                        &command,
+                        Some(store_owed || gathered.holds_store_work()),
+                    ) =>
                 {
                     if gathered.forward(None, command.owned()) {
                         return Step::Forward;

@@ -34,6 +34,8 @@ enum Item {
 
 /// A group of commands forwarded together, and its answers once they come.
 struct Group {
+    /// Sent to this node's store (not to another node).
+    store: bool,
     coming: Option<Coming>,
     answers: Vec<Option<Result<Reply, KvError>>>,
     /// Items of the queue that still refer to it.
@@ -59,6 +61,11 @@ impl Owed {
 
     pub(super) fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+
+    /// Whether some of the answers owed wait for this node's store.
+    pub(super) fn waits_for_store(&self) -> bool {
+        self.groups.iter().any(|g| g.store && g.coming.is_some())
     }
 
     /// Bytes of answers formatted and owed.
@@ -210,11 +217,13 @@ impl Gathered {
         let base = owed.first_group + owed.groups.len() as u64;
         for (owner, commands) in self.groups.drain(..) {
             let len = commands.len();
+            let store = owner.is_none();
             let coming = match owner {
                 Some(owner) => router.forward(&owner, commands, 0).await,
                 None => router.store_submit(commands).await,
             };
             owed.groups.push_back(Group {
+                store,
                 coming: Some(coming),
                 answers: Vec::new(),
                 left: len,

@@ -224,7 +224,11 @@ async fn while_jetstream_is_down_writes_are_refused_and_reads_go_on() {
     config.request_timeout_ms = 2000;
     let foo = start_node(config.clone()).await;
     let mut c = LineClient::connect(foo.local_addr()).await;
-    c.exchange("CREATE apple", "OK\r\n").await;
+    // Pipelined: a read after a write on its way sees it, in order.
+    c.send("CREATE apple\r\nPUT apple k a\r\nGET apple k\r\nPUT apple k b\r\nDELETE apple j\r\nGET apple k\r\nWHERE apple\r\n")
+        .await;
+    c.expect("OK\r\nOK\r\na\r\nOK\r\nOK\r\nOK\r\nb\r\nOK\r\nfoo\r\nOK\r\n")
+        .await;
     c.exchange("PUT apple k v1", "OK\r\n").await;
     nats.kill();
     for write in [
