@@ -371,3 +371,53 @@ async fn under_the_shipped_permissions_nobody_can_answer_for_a_node() {
     foo.shutdown().await;
     bar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_node_works_under_the_shipped_permissions() {
+    if crate::nats::jetstream_server_bin().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = auth_conf(dir.path());
+    let store = dir.path().join("js");
+    let args = [
+        "-c",
+        conf.to_str().expect("path"),
+        "-js",
+        "-sd",
+        store.to_str().expect("path"),
+    ];
+    let Some(nats) = NatsServer::start_with(&args) else {
+        return;
+    };
+    let mut config = mesh_config("foo", FOO_BAR, &nats.url());
+    config.durability = kvmesh::config::Durability::Jetstream;
+    config.nats_user = Some("foo".into());
+    config.nats_password = Some(Secret::new("foo-pw"));
+    let foo = start_node(config.clone()).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("CREATE apple", "OK\r\n").await;
+    c.exchange("PUT apple k v", "OK\r\n").await;
+    c.exchange("DROP apple", "OK\r\n").await;
+    c.exchange("CREATE apple", "OK\r\n").await;
+    c.exchange("PUT apple k w", "OK\r\n").await;
+    foo.shutdown().await;
+    let foo = start_node(config).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("GET apple k", "w\r\nOK\r\n").await;
+    // bar's user may not touch foo's store.
+    let (bar_user, mut errors) = client_as(&nats.url(), "bar", "_INBOX.bar").await;
+    bar_user
+        .publish("$KV.kvmesh_foo.k.1.x", "forged".into())
+        .await
+        .expect("publish is sent");
+    nats_round_trip(&bar_user).await;
+    let e = within("bar's user is refused", errors.recv())
+        .await
+        .expect("an error");
+    assert!(
+        e.contains("Permissions Violation") && e.contains("kvmesh_foo"),
+        "{e}"
+    );
+    foo.shutdown().await;
+}
