@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use crate::harness::*;
-use crate::nats::NatsServer;
+use crate::nats::{NatsCluster, NatsServer};
 
 const ROUTES_ENV: &str = r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#;
 
@@ -281,5 +281,92 @@ async fn names_with_any_bytes_are_stored_and_come_back() {
                 .await;
         }
     }
+    foo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_three_replicas_a_nats_server_killed_under_load_loses_nothing() {
+    let _heavy = heavy().await;
+    let Some(mut cluster) = NatsCluster::start_jetstream() else {
+        return;
+    };
+    let mut config = mesh_config("foo", &[("*", "foo")], &cluster.urls());
+    config.durability = Durability::Jetstream;
+    config.replicas = 3;
+    config.request_timeout_ms = 3000;
+    let foo = start_node(config.clone()).await;
+    let mut setup = LineClient::connect(foo.local_addr()).await;
+    setup.eventually("CREATE apple", "OK\r\n").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = foo.local_addr();
+    let mut clients = Vec::new();
+    for id in 0..4u64 {
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let mut model: BTreeMap<u64, BTreeSet<Option<String>>> = BTreeMap::new();
+            let (mut conn, mut n, mut acked, mut refused_count) = (None, 0u64, 0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let k = n % 16;
+                let possible = model.entry(k).or_insert_with(|| BTreeSet::from([None]));
+                let value = format!("v{id}-{n}");
+                match ask(&mut conn, addr, &format!("PUT apple c{id}k{k} {value}")).await {
+                    Some(lines) if lines == ["OK\r\n"] => {
+                        *possible = BTreeSet::from([Some(value)]);
+                        acked += 1;
+                    }
+                    Some(lines) if lines.len() == 1 && refused(&lines[0]) => refused_count += 1,
+                    Some(lines) if lines.len() == 1 && lines[0].starts_with("ERROR ") => {
+                        possible.insert(Some(value));
+                    }
+                    Some(lines) => panic!("client {id}: PUT answered {lines:?}"),
+                    None => {
+                        possible.insert(Some(value));
+                    }
+                }
+            }
+            (model, acked, refused_count)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    eprintln!("durable: kill nats s1");
+    cluster.servers[1].kill();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let during = {
+        let mut c = LineClient::connect(addr).await;
+        c.read_after("PUT apple during k").await
+    };
+    assert_eq!(during, "OK\r\n", "writes go on with two servers of three");
+    cluster.servers[1].restart();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut results = Vec::new();
+    for c in clients {
+        results.push(within("client", c).await.expect("client"));
+    }
+    let acked: u64 = results.iter().map(|r| r.1).sum();
+    let refused_count: u64 = results.iter().map(|r| r.2).sum();
+    assert!(acked > 100, "{acked} writes acknowledged");
+    foo.shutdown().await;
+    // Every acknowledged write, read back from the store by a new process.
+    let foo = start_node(config).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.eventually("PUT apple after k", "OK\r\n").await;
+    for (id, (model, _, _)) in results.iter().enumerate() {
+        for (k, possible) in model {
+            c.send(format!("GET apple c{id}k{k}\r\n")).await;
+            let answer = c.read_answer().await;
+            let v = answer.trim_end_matches("\r\nOK\r\n");
+            let got = (!v.is_empty()).then(|| v.to_owned());
+            assert!(
+                possible.contains(&got),
+                "c{id}k{k}: {got:?}, model {possible:?}"
+            );
+        }
+    }
+    eprintln!(
+        "durable: {acked} writes acknowledged, {refused_count} refused, a server killed and back"
+    );
     foo.shutdown().await;
 }

@@ -302,6 +302,71 @@ impl NatsCluster {
         Some(cluster)
     }
 
+    /// A cluster with JetStream (each server with a name and a store folder of
+    /// its own, kept across `kill` and `restart`), once JetStream is healthy
+    /// on every server; `None` without nats-server 2.10 or newer.
+    pub fn start_jetstream() -> Option<NatsCluster> {
+        let bin = jetstream_server_bin()?;
+        // A JetStream cluster wants its routes configured on every server
+        // from the start: cluster ports picked beforehand.
+        let ports: Vec<u16> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<Vec<_>, _>>()
+            .expect("free ports")
+            .iter()
+            .map(|l| l.local_addr().expect("addr").port())
+            .collect();
+        let routes = ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let spawn = |i: usize| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut args: Vec<String> = vec![
+                "--cluster_name".into(),
+                "kvtest".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{}", ports[i]),
+                "--routes".into(),
+                routes.clone(),
+                "-js".into(),
+            ];
+            args.extend(["-sd".into(), dir.path().join("js").display().to_string()]);
+            args.extend(["-n".into(), format!("s{i}")]);
+            let mut server = NatsServer::spawn(bin.clone(), 0, args);
+            server._dir = dir;
+            server
+        };
+        let cluster = NatsCluster {
+            servers: vec![spawn(0), spawn(1), spawn(2)],
+        };
+        cluster.wait_for_routes();
+        cluster.wait_for_jetstream();
+        Some(cluster)
+    }
+
+    /// Waits until every running server reports itself healthy, JetStream
+    /// included (`/healthz`).
+    pub fn wait_for_jetstream(&self) {
+        let deadline = Instant::now() + STEP * 3;
+        for server in self.servers.iter().filter(|s| s.child.is_some()) {
+            loop {
+                let ok = std::panic::catch_unwind(|| server.monitor("/healthz"))
+                    .map(|h| h["status"] == "ok")
+                    .unwrap_or(false);
+                if ok {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "JetStream did not become healthy"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
     /// Waits until every server sees two distinct peers.
     pub fn wait_for_routes(&self) {
         let deadline = Instant::now() + STEP;
