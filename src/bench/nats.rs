@@ -56,9 +56,34 @@ pub(super) async fn nats_requester(
     subject: String,
     id: u64,
 ) -> ConnResult {
+    let work = shared.clone();
+    drive(shared, id, move |get, i| {
+        let body = bytes::Bytes::copy_from_slice(if get {
+            &work.work.gets[i]
+        } else {
+            &work.work.puts[i]
+        });
+        let (client, subject) = (client.clone(), subject.clone());
+        async move {
+            match client.request(subject, body).await {
+                Ok(msg) if msg.payload.starts_with(br#"{"ok":true"#) => Ok(()),
+                Ok(msg) => Err(format!("reply {:?}", String::from_utf8_lossy(&msg.payload))),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await
+}
+
+/// Keeps `pipeline` requests in flight, each made by `request(get, i)` for
+/// a request picked from the workload, timing and checking every one.
+async fn drive<F, Fut>(shared: Arc<Shared>, id: u64, request: F) -> ConnResult
+where
+    F: Fn(bool, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     use futures_util::stream::{FuturesOrdered, StreamExt};
     let opts = &shared.opts;
-    let work = &shared.work;
     let mut rng = XorShift::stream(SEED, id);
     let mut hist = new_histogram();
     let mut first_error = None;
@@ -66,26 +91,18 @@ pub(super) async fn nats_requester(
     let mut in_flight = FuturesOrdered::new();
     loop {
         while in_flight.len() < opts.pipeline && shared.grant(1) == 1 {
-            let (get, i) = pick(&mut rng, opts, work.values.len());
-            let body =
-                bytes::Bytes::copy_from_slice(if get { &work.gets[i] } else { &work.puts[i] });
-            let client = client.clone();
-            let subject = subject.clone();
+            let (get, i) = pick(&mut rng, opts, shared.work.values.len());
+            let made = request(get, i);
             in_flight.push_back(async move {
                 let start = Instant::now();
-                let reply = client.request(subject, body).await;
-                (start.elapsed(), reply)
+                let verdict = made.await;
+                (start.elapsed(), verdict)
             });
         }
-        let Some((took, reply)) = in_flight.next().await else {
+        let Some((took, verdict)) = in_flight.next().await else {
             break;
         };
         let _ = hist.record((took.as_micros() as u64).max(1));
-        let verdict = match reply {
-            Ok(msg) if msg.payload.starts_with(br#"{"ok":true"#) => Ok(()),
-            Ok(msg) => Err(format!("reply {:?}", String::from_utf8_lossy(&msg.payload))),
-            Err(e) => Err(e.to_string()),
-        };
         tally.count(verdict, &mut first_error);
         shared.settle(&mut tally);
     }
@@ -138,50 +155,33 @@ pub(super) async fn jetstream_setup(
 }
 
 /// Keeps `pipeline` KV requests in flight (a GET is `kv.get`, a PUT
+/// Keeps `pipeline` KV requests in flight (a GET is `kv.get`, a PUT
 /// `kv.put`, each a JetStream round trip), checking every answer.
 pub(super) async fn jetstream_requester(
     shared: Arc<Shared>,
     kv: async_nats::jetstream::kv::Store,
     id: u64,
 ) -> ConnResult {
-    use futures_util::stream::{FuturesOrdered, StreamExt};
-    let opts = &shared.opts;
-    let work = &shared.work;
-    let mut rng = XorShift::stream(SEED, id);
-    let mut hist = new_histogram();
-    let mut first_error = None;
-    let mut tally = Tally::default();
-    let mut in_flight = FuturesOrdered::new();
-    loop {
-        while in_flight.len() < opts.pipeline && shared.grant(1) == 1 {
-            let (get, i) = pick(&mut rng, opts, work.values.len());
-            let key = String::from_utf8_lossy(&work.gets[i]).into_owned();
-            let value = bytes::Bytes::copy_from_slice(&work.puts[i]);
-            let kv = kv.clone();
-            in_flight.push_back(async move {
-                let start = Instant::now();
-                let verdict = if get {
-                    match kv.get(&key).await {
-                        Ok(None) => Ok(()),
-                        Ok(Some(found)) if found == value => Ok(()),
-                        Ok(Some(found)) => Err(format!("GET {key} found {found:?}")),
-                        Err(e) => Err(e.to_string()),
-                    }
-                } else {
-                    kv.put(&key, value)
-                        .await
-                        .map(drop)
-                        .map_err(|e| e.to_string())
-                };
-                (start.elapsed(), verdict)
-            });
+    let work = shared.clone();
+    drive(shared, id, move |get, i| {
+        let key = String::from_utf8_lossy(&work.work.gets[i]).into_owned();
+        let value = bytes::Bytes::copy_from_slice(&work.work.puts[i]);
+        let kv = kv.clone();
+        async move {
+            if get {
+                match kv.get(&key).await {
+                    Ok(None) => Ok(()),
+                    Ok(Some(found)) if found == value => Ok(()),
+                    Ok(Some(found)) => Err(format!("GET {key} found {found:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            } else {
+                kv.put(&key, value)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
         }
-        let Some((took, verdict)) = in_flight.next().await else {
-            break;
-        };
-        let _ = hist.record((took.as_micros() as u64).max(1));
-        tally.count(verdict, &mut first_error);
-        shared.settle(&mut tally);
-    }
-    Ok((hist, first_error))
+    })
+    .await
 }

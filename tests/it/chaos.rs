@@ -17,9 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-
 use crate::harness::*;
 use crate::nats::NatsCluster;
 
@@ -29,46 +26,139 @@ const BUCKETS: [&str; 2] = ["apple", "nut"];
 /// What a client knows of one of its keys: the values it may hold now.
 type Possible = BTreeSet<Option<String>>;
 
-/// One request and its answer, over a connection that may break.
-async fn ask(
-    conn: &mut Option<BufReader<TcpStream>>,
-    addr: SocketAddr,
-    line: &str,
-) -> Result<Vec<String>, ()> {
-    if conn.is_none() {
-        *conn = TcpStream::connect(addr).await.ok().map(BufReader::new);
-    }
-    let Some(c) = conn.as_mut() else {
-        return Err(());
-    };
-    let exchange = async {
-        c.get_mut()
-            .write_all(format!("{line}\r\n").as_bytes())
+/// The seed (`CHAOS_SEED`, printed for a replay) and the seconds of faults
+/// (`CHAOS_SECONDS`, 20 by default).
+fn chaos_settings(name: &str) -> (u64, u64) {
+    let seed = seed_from_env("CHAOS_SEED");
+    let seconds: u64 = std::env::var("CHAOS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    eprintln!("{name}: CHAOS_SEED={seed} CHAOS_SECONDS={seconds}");
+    (seed, seconds)
+}
+
+/// Kills one NATS server of the cluster at random, and restarts it a moment
+/// later.
+async fn kill_a_nats_server(cluster: &mut NatsCluster, rng: &mut XorShift, name: &str) {
+    let i = rng.below(3) as usize;
+    eprintln!("{name}: kill nats-{i}");
+    cluster.servers[i].kill();
+    tokio::time::sleep(Duration::from_millis(200 + rng.below(1500))).await;
+    cluster.servers[i].restart();
+}
+
+/// How many answers the clients got, and how many were explicit errors.
+#[derive(Clone)]
+struct Counts {
+    answers: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+}
+
+/// Whether an error line says the write certainly did not happen (it never
+/// reached its owner, or its store refused it).
+fn refused(line: &str) -> bool {
+    line == "ERROR mesh unavailable\r\n"
+        || line == "ERROR store unavailable\r\n"
+        || (line.starts_with("ERROR node ") && line.ends_with(" unavailable\r\n"))
+}
+
+/// One client: PUTs and GETs of its own keys (in both buckets) against the
+/// node at `addr` (which may move), checking every GET against a model of
+/// what it wrote; returns the model.
+async fn client(
+    id: u64,
+    mut rng: XorShift,
+    addr: Arc<Mutex<SocketAddr>>,
+    stop: Arc<AtomicBool>,
+    counts: Counts,
+    pause_on_error: bool,
+) -> BTreeMap<(usize, u64), Possible> {
+    let mut model: BTreeMap<(usize, u64), Possible> = BTreeMap::new();
+    let mut conn = None;
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let addr = *addr.lock().expect("lock");
+        let b = rng.below(2) as usize;
+        let k = rng.below(20);
+        let key = format!("c{id}k{k}");
+        let possible = model
+            .entry((b, k))
+            .or_insert_with(|| BTreeSet::from([None]));
+        if rng.below(3) == 0 {
+            n += 1;
+            let value = format!("v{id}-{n}");
+            match ask(
+                &mut conn,
+                addr,
+                &format!("PUT {} {key} {value}", BUCKETS[b]),
+            )
             .await
-            .ok()?;
-        let mut lines = Vec::new();
-        loop {
-            let mut l = String::new();
-            if c.read_line(&mut l).await.ok()? == 0 {
-                return None;
+            {
+                Ok(lines) if lines == ["OK\r\n"] => *possible = BTreeSet::from([Some(value)]),
+                Ok(lines) if lines.len() == 1 && refused(&lines[0]) => {
+                    counts.errors.fetch_add(1, Ordering::Relaxed);
+                    if pause_on_error {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                Ok(lines) if lines.len() == 1 && lines[0].starts_with("ERROR ") => {
+                    counts.errors.fetch_add(1, Ordering::Relaxed);
+                    possible.insert(Some(value));
+                }
+                Ok(lines) => panic!("client {id}: PUT answered {lines:?}"),
+                Err(()) => {
+                    possible.insert(Some(value));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
-            let done = !line.starts_with("GET")
-                || l.starts_with("ERROR")
-                || l == "NOT FOUND\r\n"
-                || !lines.is_empty();
-            lines.push(l);
-            if done {
-                return Some(lines);
+        } else {
+            match ask(&mut conn, addr, &format!("GET {} {key}", BUCKETS[b])).await {
+                Ok(lines) if lines.len() == 1 && lines[0].starts_with("ERROR ") => {
+                    counts.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(lines) if lines.len() == 2 && lines[1] == "OK\r\n" => {
+                    let v = lines[0].trim_end_matches("\r\n");
+                    let got = (!v.is_empty()).then(|| v.to_owned());
+                    assert!(
+                        possible.contains(&got),
+                        "client {id}: GET {key} answered {got:?}, model {possible:?}"
+                    );
+                    // What was read is now the value.
+                    *possible = BTreeSet::from([got]);
+                }
+                Ok(lines) => panic!("client {id}: GET answered {lines:?}"),
+                Err(()) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
-    };
-    match tokio::time::timeout(Duration::from_secs(5), exchange).await {
-        Ok(Some(lines)) => Ok(lines),
-        _ => {
-            *conn = None;
-            Err(())
+        counts.answers.fetch_add(1, Ordering::Relaxed);
+    }
+    model
+}
+
+/// Every key of every client's model, read through each of `addrs`, holds a
+/// value the model allows; returns how many reads were checked.
+async fn verify(models: &[BTreeMap<(usize, u64), Possible>], addrs: &[SocketAddr]) -> usize {
+    let mut checked = 0;
+    for (id, model) in models.iter().enumerate() {
+        for ((b, k), possible) in model {
+            for addr in addrs {
+                let mut c = LineClient::connect(*addr).await;
+                let answer = c
+                    .read_after(&format!("GET {} c{id}k{k}", BUCKETS[*b]))
+                    .await;
+                let v = answer.trim_end_matches("\r\nOK\r\n");
+                let got = (!v.is_empty()).then(|| v.to_owned());
+                assert!(
+                    possible.contains(&got),
+                    "c{id}k{k} in {}: {got:?}, model {possible:?}",
+                    BUCKETS[*b]
+                );
+                checked += 1;
+            }
         }
     }
+    checked
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,12 +167,7 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     let Some(mut cluster) = NatsCluster::start() else {
         return;
     };
-    let seed = seed_from_env("CHAOS_SEED");
-    let seconds: u64 = std::env::var("CHAOS_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
-    eprintln!("chaos: CHAOS_SEED={seed} CHAOS_SECONDS={seconds}");
+    let (seed, seconds) = chaos_settings("chaos");
     let urls = cluster.urls();
     let owner = |name: &str| {
         let mut c = mesh_config(name, ROUTES, &urls);
@@ -114,73 +199,24 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     let errors = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for id in 0..12u64 {
-        let stop = stop.clone();
-        let (answers, errors) = (answers.clone(), errors.clone());
-        let gw_addr = gw_addr.clone();
-        let fixed = match id % 3 {
-            0 => Some(foo.local_addr()),
-            1 => Some(bar.local_addr()),
-            _ => None,
+        let addr = match id % 3 {
+            0 => Arc::new(Mutex::new(foo.local_addr())),
+            1 => Arc::new(Mutex::new(bar.local_addr())),
+            _ => gw_addr.clone(),
         };
-        let mut rng = XorShift::stream(seed, id);
-        clients.push(tokio::spawn(async move {
-            let mut model: BTreeMap<(usize, u64), Possible> = BTreeMap::new();
-            let mut conn = None;
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let addr = fixed.unwrap_or_else(|| *gw_addr.lock().expect("lock"));
-                let b = rng.below(2) as usize;
-                let k = rng.below(20);
-                let key = format!("c{id}k{k}");
-                let possible = model
-                    .entry((b, k))
-                    .or_insert_with(|| BTreeSet::from([None]));
-                if rng.below(3) == 0 {
-                    n += 1;
-                    let value = format!("v{id}-{n}");
-                    match ask(
-                        &mut conn,
-                        addr,
-                        &format!("PUT {} {key} {value}", BUCKETS[b]),
-                    )
-                    .await
-                    {
-                        Ok(lines) if lines == ["OK\r\n"] => {
-                            *possible = BTreeSet::from([Some(value)])
-                        }
-                        Ok(lines) if lines.len() == 1 && lines[0].starts_with("ERROR ") => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                            possible.insert(Some(value));
-                        }
-                        Ok(lines) => panic!("client {id}: PUT answered {lines:?}"),
-                        Err(()) => {
-                            possible.insert(Some(value));
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                } else {
-                    match ask(&mut conn, addr, &format!("GET {} {key}", BUCKETS[b])).await {
-                        Ok(lines) if lines.len() == 1 && lines[0].starts_with("ERROR ") => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(lines) if lines.len() == 2 && lines[1] == "OK\r\n" => {
-                            let v = lines[0].trim_end_matches("\r\n");
-                            let got = (!v.is_empty()).then(|| v.to_owned());
-                            assert!(
-                                possible.contains(&got),
-                                "client {id}: GET {key} answered {got:?}, model {possible:?}"
-                            );
-                            // What was read is now the value.
-                            *possible = BTreeSet::from([got]);
-                        }
-                        Ok(lines) => panic!("client {id}: GET answered {lines:?}"),
-                        Err(()) => tokio::time::sleep(Duration::from_millis(50)).await,
-                    }
-                }
-                answers.fetch_add(1, Ordering::Relaxed);
-            }
-            model
-        }));
+        let counts = Counts {
+            answers: answers.clone(),
+            errors: errors.clone(),
+        };
+        let rng = XorShift::stream(seed, id);
+        clients.push(tokio::spawn(client(
+            id,
+            rng,
+            addr,
+            stop.clone(),
+            counts,
+            false,
+        )));
     }
 
     // Hostile clients beside them: control bytes in names, values too large,
@@ -251,11 +287,7 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
             *gw_addr.lock().expect("lock") = g.addr;
             gw = Some(g);
         } else {
-            let i = rng.below(3) as usize;
-            eprintln!("chaos: kill nats-{i}");
-            cluster.servers[i].kill();
-            tokio::time::sleep(Duration::from_millis(200 + rng.below(1500))).await;
-            cluster.servers[i].restart();
+            kill_a_nats_server(&mut cluster, &mut rng, "chaos").await;
         }
         faults += 1;
     }
@@ -291,25 +323,7 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     );
 
     // Every acknowledged write is there, from every node.
-    let mut checked = 0;
-    for (id, model) in models.iter().enumerate() {
-        for ((b, k), possible) in model {
-            for addr in [foo.local_addr(), bar.local_addr(), gw_now] {
-                let mut c = LineClient::connect(addr).await;
-                let answer = c
-                    .read_after(&format!("GET {} c{id}k{k}", BUCKETS[*b]))
-                    .await;
-                let v = answer.trim_end_matches("\r\nOK\r\n");
-                let got = (!v.is_empty()).then(|| v.to_owned());
-                assert!(
-                    possible.contains(&got),
-                    "c{id}k{k} in {}: {got:?}, model {possible:?}",
-                    BUCKETS[*b]
-                );
-                checked += 1;
-            }
-        }
-    }
+    let checked = verify(&models, &[foo.local_addr(), bar.local_addr(), gw_now]).await;
     eprintln!(
         "chaos: {faults} faults survived, {} answers ({} explicit errors), {hostile_requests} hostile requests, {checked} reads checked, healed in {healed:?}",
         answers.load(Ordering::Relaxed),
@@ -318,4 +332,98 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     assert!(faults > 0 && answers.load(Ordering::Relaxed) > 100 && hostile_requests > 10);
     foo.shutdown().await;
     bar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_mesh_survives_chaos_without_losing_an_acknowledged_write() {
+    let _heavy = heavy().await;
+    let Some(mut cluster) = NatsCluster::start_jetstream() else {
+        return;
+    };
+    let (seed, seconds) = chaos_settings("durable chaos");
+    let urls = cluster.urls();
+    // foo and bar own a-m and n-z, durable with three replicas; gw owns
+    // nothing. All three are processes, killed (-9) and restarted at random.
+    let routes_env = r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#;
+    let spawn = |node: &str| {
+        let mut cmd = clean_command();
+        cmd.env("KVMESH_ROUTES", routes_env)
+            .env("KVMESH_REQUEST_TIMEOUT_MS", "1500");
+        if node != "gw" {
+            cmd.env("KVMESH_DURABILITY", "jetstream")
+                .env("KVMESH_REPLICAS", "3");
+        }
+        spawn_kvmesh_with(cmd, &["--node", node, "--nats-url", &urls])
+    };
+    let names = ["foo", "bar", "gw"];
+    let mut procs: Vec<Process> = names.iter().map(|n| spawn(n)).collect();
+    let addrs: Vec<Arc<Mutex<SocketAddr>>> =
+        procs.iter().map(|p| Arc::new(Mutex::new(p.addr))).collect();
+    let mut setup = LineClient::connect(procs[2].addr).await;
+    for b in BUCKETS {
+        setup.eventually(&format!("CREATE {b}"), "OK\r\n").await;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Counts {
+        answers: Arc::new(AtomicU64::new(0)),
+        errors: Arc::new(AtomicU64::new(0)),
+    };
+    let mut clients = Vec::new();
+    for id in 0..9u64 {
+        let rng = XorShift::stream(seed, id);
+        let addr = addrs[id as usize % 3].clone();
+        clients.push(tokio::spawn(client(
+            id,
+            rng,
+            addr,
+            stop.clone(),
+            counts.clone(),
+            true,
+        )));
+    }
+
+    let mut rng = XorShift::new(seed);
+    let mut faults = 0;
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(1000))).await;
+        if rng.below(2) == 0 {
+            let i = rng.below(3) as usize;
+            eprintln!("durable chaos: kill -9 {}", names[i]);
+            procs[i].kill();
+            tokio::time::sleep(Duration::from_millis(200 + rng.below(800))).await;
+            // Blocks this (test) thread while the node loads its store; the
+            // clients run on the workers.
+            procs[i] = spawn(names[i]);
+            *addrs[i].lock().expect("lock") = procs[i].addr;
+        } else {
+            kill_a_nats_server(&mut cluster, &mut rng, "durable chaos").await;
+        }
+        faults += 1;
+    }
+    cluster.wait_for_routes();
+    stop.store(true, Ordering::Relaxed);
+    let mut models = Vec::new();
+    for c in clients {
+        models.push(
+            within("client", c)
+                .await
+                .expect("a client found a wrong answer"),
+        );
+    }
+    // Kill both owners once more, with no load: everything acknowledged is
+    // read back from JetStream, through every node.
+    for i in 0..2 {
+        procs[i].kill();
+        procs[i] = spawn(names[i]);
+    }
+    let now: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
+    let checked = verify(&models, &now).await;
+    eprintln!(
+        "durable chaos: {faults} faults survived, {} answers ({} explicit errors), {checked} reads checked",
+        counts.answers.load(Ordering::Relaxed),
+        counts.errors.load(Ordering::Relaxed)
+    );
+    assert!(faults > 0 && counts.answers.load(Ordering::Relaxed) > 100);
 }

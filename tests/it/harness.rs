@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvmesh::{Config, Node};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -415,4 +415,48 @@ pub use kvmesh::rng::{XorShift, seed_from_env};
 pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
     static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     HEAVY.lock().await
+}
+
+/// One request and its answer lines, over a connection that may break (it
+/// is made again on the next call): `Err` when no whole answer came within
+/// five seconds.
+pub async fn ask(
+    conn: &mut Option<BufReader<TcpStream>>,
+    addr: SocketAddr,
+    line: &str,
+) -> Result<Vec<String>, ()> {
+    if conn.is_none() {
+        *conn = TcpStream::connect(addr).await.ok().map(BufReader::new);
+    }
+    let Some(c) = conn.as_mut() else {
+        return Err(());
+    };
+    let exchange = async {
+        c.get_mut()
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut lines = Vec::new();
+        loop {
+            let mut l = String::new();
+            if c.read_line(&mut l).await.ok()? == 0 {
+                return None;
+            }
+            let done = !line.starts_with("GET")
+                || l.starts_with("ERROR")
+                || l == "NOT FOUND\r\n"
+                || !lines.is_empty();
+            lines.push(l);
+            if done {
+                return Some(lines);
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+        Ok(Some(lines)) => Ok(lines),
+        _ => {
+            *conn = None;
+            Err(())
+        }
+    }
 }
