@@ -219,6 +219,7 @@ impl Router {
     }
 
     /// Whether this node keeps its buckets in a store.
+    #[inline]
     pub fn is_durable(&self) -> bool {
         self.store.is_some()
     }

@@ -40,11 +40,13 @@ pub(crate) fn answer_frame(
             Ok(Request::Ping) => gathered.out.put_slice(protocol::PONG),
             Ok(Request::Quit) => return Step::Quit,
             Ok(Request::Op(command)) => match router.target(&command, 0) {
+                // (A memory node never waits: the check costs it nothing.)
                 Ok(Target::Local)
-                    if router.must_wait_for_store(
-                        &command,
-                        Some(store_owed || gathered.holds_store_work()),
-                    ) =>
+                    if router.is_durable()
+                        && router.must_wait_for_store(
+                            &command,
+                            Some(store_owed || gathered.holds_store_work()),
+                        ) =>
                 {
                     if gathered.forward(None, command.owned()) {
                         return Step::Forward;
