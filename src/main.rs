@@ -116,6 +116,14 @@ struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// With --target nats: the subject of a responder in its own process
+    /// (instead of one inside the benchmark).
+    #[arg(long)]
+    subject: Option<String>,
+    /// With --target nats and --subject: be that responder (answer requests
+    /// on the subject until stopped) instead of driving load.
+    #[arg(long)]
+    respond: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -247,6 +255,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         keys: args.keys,
         value_size: args.value_size.max(1),
         prefill: args.prefill,
+        subject: args.subject.clone(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -258,6 +267,19 @@ fn bench(args: BenchArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.respond {
+        let (Some(subject), Some(url)) = (&opts.subject, opts.addrs.first()) else {
+            eprintln!("kvmesh bench: --respond needs --subject and --addr (a NATS URL)");
+            return ExitCode::from(2);
+        };
+        return match runtime.block_on(kvmesh::bench::respond(url, subject, opts.value_size)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("kvmesh bench: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(kvmesh::bench::run(opts)) {
         Ok(report) => {
             if args.json {

@@ -29,6 +29,7 @@ mod conn;
 mod nats;
 
 use conn::{Conn, connection};
+pub use nats::respond;
 use nats::{jetstream_requester, jetstream_setup, nats_requester, nats_responder};
 
 /// What is being measured.
@@ -73,6 +74,10 @@ pub struct BenchOptions {
     pub value_size: usize,
     /// Write every key once before measuring.
     pub prefill: bool,
+    /// For [`Target::Nats`]: the subject of a responder running in its own
+    /// process (`kvmesh bench --target nats --respond`); without it the
+    /// benchmark answers in-process.
+    pub subject: Option<String>,
 }
 
 /// What a run measured.
@@ -285,7 +290,10 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let work = Workload::new(&opts);
     let mut kv = None;
     let nats = match opts.target {
-        Target::Nats => Some(nats_responder(&opts.addrs[0], &opts).await?),
+        Target::Nats => Some(match &opts.subject {
+            Some(subject) => (nats::connect(&opts.addrs[0]).await?, subject.clone()),
+            None => nats_responder(&opts.addrs[0], &opts).await?,
+        }),
         Target::Jetstream => {
             kv = Some(jetstream_setup(&opts.addrs[0], &opts, &work).await?);
             None

@@ -12,41 +12,65 @@ use super::{
     BenchError, BenchOptions, ConnResult, Shared, Tally, Workload, new_histogram, value_for,
 };
 
-/// Starts an in-process responder on a fresh subject that answers like a node
-/// would (a GET reply with the value), and returns the client and subject.
+/// A NATS connection for the benchmark.
+pub(super) async fn connect(url: &str) -> Result<async_nats::Client, BenchError> {
+    async_nats::connect(url)
+        .await
+        .map_err(|e| BenchError::Setup(format!("NATS {url}: {e}")))
+}
+
+/// Answers requests on `subject` like a node would (a GET reply with a
+/// value of `value_size` bytes), until the connection ends: the raw NATS
+/// yardstick's responder, run in a process of its own
+/// (`kvmesh bench --target nats --respond`) so that it does not share the
+/// client's CPU.
+pub async fn respond(url: &str, subject: &str, value_size: usize) -> Result<(), BenchError> {
+    let responder = connect(url).await?;
+    let requests = subscribe(&responder, subject).await?;
+    answer(responder, requests, value_size).await;
+    Ok(())
+}
+
+async fn subscribe(
+    client: &async_nats::Client,
+    subject: &str,
+) -> Result<async_nats::Subscriber, BenchError> {
+    client
+        .subscribe(subject.to_owned())
+        .await
+        .map_err(|e| BenchError::Setup(format!("NATS subscribe {subject}: {e}")))
+}
+
+/// Answers every request like a node answers a GET.
+async fn answer(
+    responder: async_nats::Client,
+    mut requests: async_nats::Subscriber,
+    value_size: usize,
+) {
+    use futures_util::StreamExt;
+    let reply: bytes::Bytes =
+        format!(r#"{{"ok":true,"value":"{}"}}"#, value_for("k0", value_size)).into();
+    while let Some(msg) = requests.next().await {
+        if let Some(to) = msg.reply {
+            let _ = responder.publish(to, reply.clone()).await;
+        }
+    }
+}
+
+/// Starts an in-process responder on a fresh subject (see [`respond`]), and
+/// returns the client to request with and the subject.
 pub(super) async fn nats_responder(
     url: &str,
     opts: &BenchOptions,
 ) -> Result<(async_nats::Client, String), BenchError> {
-    use futures_util::StreamExt;
-    let setup = |e: String| BenchError::Setup(format!("NATS {url}: {e}"));
-    let responder = async_nats::connect(url)
-        .await
-        .map_err(|e| setup(e.to_string()))?;
+    let responder = connect(url).await?;
     let subject = format!(
         "kvmesh.bench.{}",
         responder.new_inbox().rsplit('.').next().unwrap_or("x")
     );
-    let mut requests = responder
-        .subscribe(subject.clone())
-        .await
-        .map_err(|e| setup(e.to_string()))?;
-    let reply: bytes::Bytes = format!(
-        r#"{{"ok":true,"value":"{}"}}"#,
-        value_for("k0", opts.value_size)
-    )
-    .into();
-    tokio::spawn(async move {
-        while let Some(msg) = requests.next().await {
-            if let Some(to) = msg.reply {
-                let _ = responder.publish(to, reply.clone()).await;
-            }
-        }
-    });
-    let client = async_nats::connect(url)
-        .await
-        .map_err(|e| setup(e.to_string()))?;
-    Ok((client, subject))
+    let requests = subscribe(&responder, &subject).await?;
+    tokio::spawn(answer(responder, requests, opts.value_size));
+    Ok((connect(url).await?, subject))
 }
 
 /// Keeps `pipeline` requests in flight on a shared NATS connection.

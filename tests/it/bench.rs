@@ -19,6 +19,7 @@ fn options(addr: std::net::SocketAddr) -> BenchOptions {
         keys: 100,
         value_size: 16,
         prefill: true,
+        subject: None,
     }
 }
 

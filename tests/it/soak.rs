@@ -44,6 +44,7 @@ async fn memory_stays_flat_under_steady_load() {
         keys: 5_000,
         value_size: 64,
         prefill: true,
+        subject: None,
     }));
     // Connections that come and go, some leaving mid-request.
     let stop = Arc::new(AtomicBool::new(false));
