@@ -37,7 +37,7 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::command::{Command, Reply};
+use crate::command::{Command, MAX_BUCKET_BYTES, MAX_KEY_BYTES, Reply, is_word};
 use crate::error::{ErrorCode, KvError};
 use crate::mesh::{Answers, Coming};
 use crate::registry::Registry;
@@ -248,6 +248,7 @@ async fn open_and_load(
         .messages;
     let mut generations: HashMap<u64, String> = HashMap::new();
     let mut entries: Vec<(u64, String, String)> = Vec::new();
+    let mut skipped = 0u64;
     if messages > 0 {
         let mut watch = kv
             .watch_with_history(">")
@@ -255,8 +256,10 @@ async fn open_and_load(
             .map_err(|e| format!("cannot read the store: {e}"))?;
         while let Some(entry) = watch.next().await {
             let entry = entry.map_err(|e| format!("cannot read the store: {e}"))?;
-            if entry.operation == kv::Operation::Put {
-                take_entry(&entry.key, &entry.value, &mut generations, &mut entries);
+            if entry.operation == kv::Operation::Put
+                && !take_entry(&entry.key, &entry.value, &mut generations, &mut entries)
+            {
+                skipped += 1;
             }
             if entry.delta == 0 {
                 break;
@@ -291,6 +294,13 @@ async fn open_and_load(
         ms = started.elapsed().as_millis() as u64,
         "store loaded"
     );
+    if skipped > 0 {
+        warn!(
+            store = %name,
+            skipped,
+            "left out stored keys that kvmesh could not have written (bad names or values)"
+        );
+    }
     // Keys of dropped buckets whose purge did not finish: purge them now.
     orphans.sort_unstable();
     orphans.dedup();
@@ -303,24 +313,38 @@ async fn open_and_load(
     Ok(kv)
 }
 
-/// Sorts one stored key into buckets and entries.
+/// Sorts one stored key into buckets and entries. Anything the protocol
+/// could not have stored (the store is a plain KV bucket that others may
+/// write to) is left out and counted: a value with a line break must never
+/// reach a client's screen. Returns whether the key was taken.
 fn take_entry(
     key: &str,
     value: &[u8],
     generations: &mut HashMap<u64, String>,
     entries: &mut Vec<(u64, String, String)>,
-) {
-    let value = String::from_utf8_lossy(value).into_owned();
+) -> bool {
+    let Ok(value) = std::str::from_utf8(value) else {
+        return false;
+    };
+    let bucket_name = |name: &str| is_word(name) && name.len() <= MAX_BUCKET_BYTES;
     if let Some(bucket) = key.strip_prefix("b.") {
-        if let (Some(bucket), Ok(generation)) = (decode(bucket), value.parse()) {
+        if let (Some(bucket), Ok(generation)) = (decode(bucket), value.parse())
+            && bucket_name(&bucket)
+        {
             generations.insert(generation, bucket);
+            return true;
         }
     } else if let Some(rest) = key.strip_prefix("k.")
         && let Some((generation, key)) = rest.split_once('.')
         && let (Ok(generation), Some(key)) = (generation.parse(), decode(key))
+        && is_word(&key)
+        && key.len() <= MAX_KEY_BYTES
+        && is_word(value)
     {
-        entries.push((generation, key, value));
+        entries.push((generation, key, value.to_owned()));
+        return true;
     }
+    false
 }
 
 /// The task that publishes writes and applies them in order.
@@ -601,6 +625,26 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_what_the_protocol_could_store_is_loaded() {
+        let mut generations = HashMap::new();
+        let mut entries = Vec::new();
+        let mut take =
+            |key: &str, value: &[u8]| take_entry(key, value, &mut generations, &mut entries);
+        assert!(take("b.basket", b"7"));
+        assert!(take("k.7.milk", b"1"));
+        assert!(take("k.7.a=2Eb", b"x"));
+        assert!(!take("k.7.milk", b"a\r\nOK"), "a line break");
+        assert!(!take("k.7.milk", b""), "an empty value");
+        assert!(!take("k.7.milk", &[0xff]), "not UTF-8");
+        assert!(!take("k.7.a=20b", b"x"), "a space in a key");
+        assert!(!take("b.two=20words", b"8"));
+        assert!(!take("b.basket", b"seven"));
+        assert!(!take("other", b"x"));
+        assert_eq!(generations.get(&7).map(String::as_str), Some("basket"));
+        assert_eq!(entries.len(), 2);
+    }
 
     #[test]
     fn names_become_key_tokens_and_back() {
