@@ -69,6 +69,12 @@ impl KvError {
         Self::new(ErrorCode::Timeout, format!("node {node} timed out"))
     }
 
+    /// A durable node's store (JetStream) could not store a write: nothing
+    /// changed.
+    pub fn store_unavailable() -> Self {
+        Self::new(ErrorCode::Unavailable, "store unavailable")
+    }
+
     /// A write was sent to `node`, but its answer was lost (the connection went
     /// away, or the reply was unreadable): it may or may not have been applied.
     pub fn outcome_unknown(node: &str) -> Self {

@@ -17,7 +17,7 @@ use crate::error::KvError;
 use crate::protocol::{self, Request};
 use crate::registry::{BucketCache, Registry};
 use crate::router::{Router, RoutingTable};
-use crate::server::{Frame, Framer, Gathered, Step, answer_frame};
+use crate::server::{Frame, Framer, Gathered, Owed, Step, answer_frame};
 use crate::wire::{self, WireRequest};
 
 const LIMITS: Limits = Limits {
@@ -102,8 +102,9 @@ fn frame_and_answer(input: &[u8], chunks: &[usize], max_line: usize) -> (BytesMu
     let router = Router::new("local", table, Registry::new(), None, 8);
     let mut cache = BucketCache::default();
     let mut gathered = Gathered::new();
+    let owed = Owed::default();
     let mut answer = |frame: Frame, gathered: &mut Gathered| {
-        if answer_frame(frame, &router, &LIMITS, &mut cache, gathered, false) == Step::Quit {
+        if answer_frame(frame, &router, &LIMITS, &mut cache, gathered, &owed) == Step::Quit {
             gathered.out.extend_from_slice(protocol::BYE);
         }
     };

@@ -218,29 +218,23 @@ impl Router {
         self
     }
 
-    /// Whether this node keeps its buckets in a store.
-    #[inline]
-    pub fn is_durable(&self) -> bool {
-        self.store.is_some()
-    }
-
     /// Whether a local command must go through the store rather than be
     /// answered from memory now: every write of a durable node, and a read
-    /// that must not overtake a write on its way. `client_waits` says whether
-    /// the client that sent the read has writes on their way (a TCP
-    /// connection knows); when it is unknown (`None`: a request over NATS,
-    /// which cannot tell one client from another) a read waits while any
-    /// write is on its way.
+    /// that must not overtake a write on its way. `client_waits` tells, for a
+    /// read on a durable node, whether the client that sent it has writes on
+    /// their way (a TCP connection knows its own; a request over NATS, which
+    /// cannot tell one client from another, asks whether any write is).
+    /// A memory node answers `false` without asking.
     pub fn must_wait_for_store<S: AsRef<str>>(
         &self,
         command: &Command<S>,
-        client_waits: Option<bool>,
+        client_waits: impl FnOnce(&Store) -> bool,
     ) -> bool {
         let Some(store) = &self.store else {
             return false;
         };
         match command {
-            Command::Get { .. } => client_waits.unwrap_or_else(|| !store.is_idle()),
+            Command::Get { .. } => client_waits(store),
             Command::Where { .. } => false,
             _ => true,
         }
@@ -300,7 +294,7 @@ impl Router {
     /// answer. Commands started one after the other take effect in that order.
     pub async fn start(&self, command: Command, hops: u32) -> Started {
         match self.target(&command, hops) {
-            Ok(Target::Local) if self.must_wait_for_store(&command, None) => {
+            Ok(Target::Local) if self.must_wait_for_store(&command, |store| !store.is_idle()) => {
                 Started::Forwarded(self.store_submit(vec![command]).await)
             }
             Ok(Target::Local) => Started::Done(self.execute_local(command.borrowed())),

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::command::{Command, MAX_BUCKET_BYTES, MAX_KEY_BYTES, Reply, is_word};
-use crate::error::{ErrorCode, KvError};
+use crate::error::KvError;
 use crate::mesh::{Answers, Coming};
 use crate::registry::Registry;
 
@@ -87,11 +87,6 @@ fn bucket_key(bucket: &str) -> String {
 
 fn entry_key(generation: u64, key: &str) -> String {
     format!("k.{generation}.{}", encode(key))
-}
-
-/// The error of a write JetStream could not store.
-pub fn store_unavailable() -> KvError {
-    KvError::new(ErrorCode::Unavailable, "store unavailable")
 }
 
 /// A change to apply to memory once JetStream has it.
@@ -163,9 +158,9 @@ impl Store {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(timeout);
         let mut attempt = 0u32;
-        let kv = loop {
+        let highest = loop {
             match open_and_load(&js, &name, replicas, &registry).await {
-                Ok(kv) => break kv,
+                Ok(highest) => break highest,
                 Err(error) => {
                     attempt += 1;
                     warn!(
@@ -187,9 +182,8 @@ impl Store {
             stream: format!("KV_{name}"),
             registry,
             busy: busy.clone(),
-            generations: AtomicU64::new(0),
+            last_generation: AtomicU64::new(highest),
         };
-        drop(kv);
         tokio::spawn(writer.run(jobs));
         Store { queue, busy }
     }
@@ -208,7 +202,9 @@ impl Store {
         self.busy.fetch_add(len, Ordering::AcqRel);
         if let Err(mpsc::error::SendError(job)) = self.queue.send(Job { commands, answers }).await {
             self.busy.fetch_sub(len, Ordering::AcqRel);
-            let _ = job.answers.send(vec![Err(store_unavailable()); len]);
+            let _ = job
+                .answers
+                .send(vec![Err(KvError::store_unavailable()); len]);
         }
         Coming::new(rx, len)
     }
@@ -220,7 +216,7 @@ async fn open_and_load(
     name: &str,
     replicas: usize,
     registry: &Registry,
-) -> Result<kv::Store, String> {
+) -> Result<u64, String> {
     let kv = match js.get_key_value(name).await {
         Ok(kv) => kv,
         Err(_) => js
@@ -236,16 +232,11 @@ async fn open_and_load(
             .map_err(|e| format!("cannot create the store: {e}"))?,
     };
     let started = Instant::now();
-    let mut stream = js
+    let stream = js
         .get_stream(format!("KV_{name}"))
         .await
         .map_err(|e| format!("cannot read the store: {e}"))?;
-    let messages = stream
-        .info()
-        .await
-        .map_err(|e| format!("cannot read the store: {e}"))?
-        .state
-        .messages;
+    let messages = stream.cached_info().state.messages;
     let mut generations: HashMap<u64, String> = HashMap::new();
     let mut entries: Vec<(u64, String, String)> = Vec::new();
     let mut skipped = 0u64;
@@ -304,13 +295,21 @@ async fn open_and_load(
     // Keys of dropped buckets whose purge did not finish: purge them now.
     orphans.sort_unstable();
     orphans.dedup();
+    // New CREATEs take generations above all of these, so that keys left
+    // of a dropped bucket can never belong to a new one.
+    let highest = generations
+        .keys()
+        .chain(&orphans)
+        .copied()
+        .max()
+        .unwrap_or(0);
     for generation in orphans {
         let subject = format!("$KV.{name}.k.{generation}.>");
         if let Err(err) = stream.purge().filter(subject).await {
             debug!(error = %err, generation, "could not purge the keys of a dropped bucket");
         }
     }
-    Ok(kv)
+    Ok(highest)
 }
 
 /// Sorts one stored key into buckets and entries. Anything the protocol
@@ -357,7 +356,8 @@ struct Writer {
     stream: String,
     registry: Registry,
     busy: Arc<AtomicUsize>,
-    generations: AtomicU64,
+    /// The last generation given to a CREATE (or seen in the store).
+    last_generation: AtomicU64,
 }
 
 /// A job's answers as they come in.
@@ -517,22 +517,16 @@ impl Writer {
     }
 
     /// A generation number no other CREATE of this store has used: the time
-    /// in microseconds, moved on if two come in the same microsecond.
+    /// in microseconds, or one more than the last one given or seen in the
+    /// store, whichever is larger (the clock may go back; only this task
+    /// gives generations).
     fn new_generation(&self) -> u64 {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_micros() as u64);
-        let mut last = self.generations.load(Ordering::Relaxed);
-        loop {
-            let next = now.max(last + 1);
-            match self
-                .generations
-                .compare_exchange(last, next, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => return next,
-                Err(seen) => last = seen,
-            }
-        }
+        let next = now.max(self.last_generation.load(Ordering::Relaxed) + 1);
+        self.last_generation.store(next, Ordering::Relaxed);
+        next
     }
 
     /// Applies a step in its turn and answers its command; returns 1 when it
@@ -550,7 +544,7 @@ impl Writer {
             Step::Stored(Err(error), change) => {
                 debug!(%error, "JetStream did not store a write");
                 let structural = matches!(change, Change::Create { .. } | Change::Drop { .. });
-                (Err(store_unavailable()), usize::from(structural))
+                (Err(KvError::store_unavailable()), usize::from(structural))
             }
             Step::Stored(Ok(()), change) => self.apply(change),
         };

@@ -16,7 +16,7 @@ mod layers;
 mod validate;
 
 pub use describe::describe;
-pub use validate::{Invalid, Settings, nats_servers};
+pub use validate::{Invalid, Settings};
 
 use std::fmt;
 use std::path::PathBuf;

@@ -49,8 +49,8 @@ impl Config {
                     .any(|route| route.node != self.node))
             .then(|| vec![DEFAULT_NATS_URL.to_string()]),
         };
-        for &(key, min, max) in RANGES {
-            let value = self.numeric(key);
+        for &(key, value_of, min, max) in RANGES {
+            let value = value_of(&self);
             if value < min {
                 return Err(Invalid::at(
                     key,
@@ -83,22 +83,6 @@ impl Config {
             nkey_file: self.nats_nkey.clone(),
             tls_ca: self.nats_tls_ca.clone(),
             tls_client: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
-        }
-    }
-
-    /// The value of a numeric key of [`RANGES`] (an unset optional key counts
-    /// as its smallest allowed value).
-    fn numeric(&self, key: &str) -> u64 {
-        match key {
-            "request_timeout_ms" => self.request_timeout_ms,
-            "max_hops" => u64::from(self.max_hops),
-            "max_line_bytes" => self.max_line_bytes as u64,
-            "max_value_bytes" => self.max_value_bytes as u64,
-            "max_connections" => self.max_connections as u64,
-            "max_buckets" => self.max_buckets as u64,
-            "replicas" => u64::from(self.replicas),
-            "idle_timeout_secs" => self.idle_timeout_secs.unwrap_or(1),
-            _ => 0,
         }
     }
 
@@ -182,15 +166,32 @@ fn both((a, a_set): (&str, bool), (b, b_set): (&str, bool)) -> Result<(), Invali
 /// bounds keep each setting where the code that uses it stays correct (a
 /// semaphore's permits, a deadline that must not overflow) and are far above
 /// any sensible value.
-const RANGES: &[(&str, u64, u64)] = &[
-    ("request_timeout_ms", 1, 86_400_000),
-    ("max_hops", 1, 255),
-    ("max_line_bytes", 64, 1 << 30),
-    ("max_value_bytes", 1, 64 << 20),
-    ("max_connections", 1, 10_000_000),
-    ("max_buckets", 1, 1 << 32),
-    ("replicas", 1, 5),
-    ("idle_timeout_secs", 1, 31_536_000),
+/// (An unset optional key counts as its smallest allowed value.)
+#[allow(clippy::type_complexity)]
+const RANGES: &[(&str, fn(&Config) -> u64, u64, u64)] = &[
+    (
+        "request_timeout_ms",
+        |c| c.request_timeout_ms,
+        1,
+        86_400_000,
+    ),
+    ("max_hops", |c| u64::from(c.max_hops), 1, 255),
+    ("max_line_bytes", |c| c.max_line_bytes as u64, 64, 1 << 30),
+    ("max_value_bytes", |c| c.max_value_bytes as u64, 1, 64 << 20),
+    (
+        "max_connections",
+        |c| c.max_connections as u64,
+        1,
+        10_000_000,
+    ),
+    ("max_buckets", |c| c.max_buckets as u64, 1, 1 << 32),
+    ("replicas", |c| u64::from(c.replicas), 1, 5),
+    (
+        "idle_timeout_secs",
+        |c| c.idle_timeout_secs.unwrap_or(1),
+        1,
+        31_536_000,
+    ),
 ];
 
 /// A failed check of an extracted configuration.
@@ -231,7 +232,7 @@ impl fmt::Display for Invalid {
 impl std::error::Error for Invalid {}
 
 /// Splits a comma-separated `nats_url` into server addresses, checking each.
-pub fn nats_servers(urls: &str) -> Result<Vec<String>, String> {
+fn nats_servers(urls: &str) -> Result<Vec<String>, String> {
     let servers: Vec<String> = urls.split(',').map(str::trim).map(str::to_owned).collect();
     for server in &servers {
         if server.is_empty() {

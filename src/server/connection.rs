@@ -216,7 +216,7 @@ impl<'r> Connection<'r> {
                 &self.limits.sizes,
                 &mut self.cache,
                 &mut self.gathered,
-                self.router.is_durable() && self.owed.waits_for_store(),
+                &self.owed,
             );
             match step {
                 Step::Quit => {

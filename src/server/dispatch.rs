@@ -4,7 +4,7 @@
 use bytes::{BufMut, BytesMut};
 
 use super::framer::Frame;
-use super::owed::Gathered;
+use super::owed::{Gathered, Owed};
 use crate::command::{Command, Limits};
 use crate::protocol::{self, LineError, Request};
 use crate::registry::BucketCache;
@@ -22,9 +22,8 @@ pub(crate) enum Step {
 }
 
 /// Answers one frame: into `gathered.out` when it can be answered here, or
-/// as a command for another node or for this node's store. `store_owed` says
-/// whether this connection waits for its store already (a read then waits
-/// its turn behind).
+/// as a command for another node or for this node's store. A read waits its
+/// turn behind this connection's writes to the store, `owed` or gathered.
 #[inline]
 pub(crate) fn answer_frame(
     frame: Frame<'_>,
@@ -32,7 +31,7 @@ pub(crate) fn answer_frame(
     limits: &Limits,
     cache: &mut BucketCache,
     gathered: &mut Gathered,
-    store_owed: bool,
+    owed: &Owed,
 ) -> Step {
     match frame {
         Frame::TooLong => protocol::write_line_error(&mut gathered.out, &LineError::TooLong),
@@ -40,13 +39,10 @@ pub(crate) fn answer_frame(
             Ok(Request::Ping) => gathered.out.put_slice(protocol::PONG),
             Ok(Request::Quit) => return Step::Quit,
             Ok(Request::Op(command)) => match router.target(&command, 0) {
-                // (A memory node never waits: the check costs it nothing.)
                 Ok(Target::Local)
-                    if router.is_durable()
-                        && router.must_wait_for_store(
-                            &command,
-                            Some(store_owed || gathered.holds_store_work()),
-                        ) =>
+                    if router.must_wait_for_store(&command, |_| {
+                        owed.waits_for_store() || gathered.holds_store_work()
+                    }) =>
                 {
                     if gathered.forward(None, command.owned()) {
                         return Step::Forward;

@@ -41,7 +41,7 @@ pub(crate) use dispatch::{Step, answer_frame};
 #[cfg(test)]
 pub(crate) use framer::{Frame, Framer};
 #[cfg(test)]
-pub(crate) use owed::Gathered;
+pub(crate) use owed::{Gathered, Owed};
 
 /// What the TCP front end needs to know besides the router.
 #[derive(Debug, Clone, Copy)]

@@ -44,7 +44,7 @@ struct Group {
 
 /// The answers a connection owes, in request order.
 #[derive(Default)]
-pub(super) struct Owed {
+pub(crate) struct Owed {
     items: VecDeque<Item>,
     /// Bytes of the `Ready` items.
     bytes: usize,
