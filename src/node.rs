@@ -9,16 +9,16 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::command::Limits;
 use crate::config::{Durability, Settings};
-use crate::mesh::{Mesh, MeshError, Serving};
+use crate::mesh::{self, Listing, Mesh, MeshError};
 use crate::registry::Registry;
 use crate::router::Router;
 use crate::secret::redact_url;
 use crate::server::{self, ServerLimits};
-use crate::store::Store;
+use crate::store::{Role, Store, StoreOptions};
 
 /// Pending connections the kernel queues for us. The usual 128 drops connects
 /// during a burst of a thousand; the kernel caps this at `net.core.somaxconn`.
@@ -50,7 +50,8 @@ pub struct Node {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     accept_loop: tokio::task::JoinHandle<()>,
-    mesh: Option<(Mesh, Serving)>,
+    on_nats: Option<OnNats>,
+    store: Option<Store>,
     /// Cancelled when another process serving this node's name was found
     /// first, and this one stopped serving.
     deposed: CancellationToken,
@@ -93,6 +94,7 @@ impl Node {
             ),
         };
         info!(node = %config.node, %addr, routes = %table, %nats, %durability, "kvmesh node starting");
+        let durable = config.durability == Durability::Jetstream;
         let mesh = match &servers {
             Some(servers) => Some(
                 Mesh::connect(
@@ -105,23 +107,31 @@ impl Node {
             ),
             None => None,
         };
+        // Several durable processes may share a name (one active); a memory
+        // node's name is its own.
+        let listing = match &mesh {
+            Some(mesh) => Some(Arc::new(mesh.register(&config.node, !durable).await?)),
+            None => None,
+        };
         let registry = Registry::with_max_buckets(config.max_buckets);
         // A durable node loads its store before it answers anything.
-        let store = match (&mesh, config.durability) {
-            (Some(mesh), Durability::Jetstream) => Some(
-                Store::open(
-                    mesh.client(),
-                    &config.node,
-                    config.replicas as usize,
-                    registry.clone(),
-                    Duration::from_millis(config.request_timeout_ms),
-                )
-                .await,
-            ),
+        let store = match (&mesh, &listing) {
+            (Some(mesh), Some(listing)) if durable => {
+                listing.set_role("standby");
+                let options = StoreOptions {
+                    node: config.node.clone(),
+                    process: listing.id().to_owned(),
+                    listen: addr.to_string(),
+                    replicas: config.replicas as usize,
+                    timeout: Duration::from_millis(config.request_timeout_ms),
+                    failover_after: Duration::from_millis(config.failover_after_ms),
+                };
+                Some(Store::open(mesh.client(), options, registry.clone()).await)
+            }
             _ => None,
         };
         let mut router = Router::new(&config.node, table, registry, mesh.clone(), config.max_hops);
-        if let Some(store) = store {
+        if let Some(store) = store.clone() {
             router = router.with_store(store);
         }
         let router = Arc::new(router);
@@ -135,15 +145,27 @@ impl Node {
         };
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let mesh = match mesh {
-            Some(mesh) => {
+        let on_nats = match (mesh, listing) {
+            (Some(mesh), Some(listing)) => {
                 mesh.check_value_limit(config.max_value_bytes);
-                let serving = mesh
-                    .serve(&config.node, router.clone(), limits.sizes, tracker.clone())
-                    .await?;
-                Some((mesh, serving))
+                let serve = ServeArgs {
+                    mesh: mesh.clone(),
+                    listing: listing.clone(),
+                    router: router.clone(),
+                    limits: limits.sizes,
+                    tracker: tracker.clone(),
+                };
+                let serving = match &store {
+                    None => Serving::Always(Box::new(serve.start().await?)),
+                    Some(store) => Serving::WhileActive(serve_while_active(serve, store).await?),
+                };
+                Some(OnNats {
+                    mesh,
+                    listing,
+                    serving,
+                })
             }
-            None => None,
+            _ => None,
         };
         let accept_loop = tokio::spawn(server::run(
             listener,
@@ -152,9 +174,12 @@ impl Node {
             shutdown.clone(),
             tracker.clone(),
         ));
-        let deposed = match &mesh {
-            Some((_, serving)) => serving.deposed(),
-            None => CancellationToken::new(),
+        let deposed = match &on_nats {
+            Some(OnNats {
+                serving: Serving::Always(serving),
+                ..
+            }) => serving.deposed(),
+            _ => CancellationToken::new(),
         };
         info!(node = %config.node, %addr, "kvmesh node ready");
         Ok(Node {
@@ -164,7 +189,8 @@ impl Node {
             shutdown,
             tracker,
             accept_loop,
-            mesh,
+            on_nats,
+            store,
         })
     }
 
@@ -181,15 +207,20 @@ impl Node {
     }
 
     /// Stops accepting (on TCP and NATS), lets the requests in flight finish
-    /// (for up to ten seconds), drains the NATS connection, and returns.
+    /// (for up to ten seconds), hands a durable node's store over to a
+    /// standby, drains the NATS connection, and returns.
     pub async fn shutdown(self) {
         info!(node = %self.name, "shutting down");
         self.shutdown.cancel();
         let _ = self.accept_loop.await;
-        let mesh = match self.mesh {
-            Some((mesh, serving)) => {
+        let on_nats = match self.on_nats {
+            Some(OnNats {
+                mesh,
+                listing,
+                serving,
+            }) => {
                 serving.stop().await;
-                Some(mesh)
+                Some((mesh, listing))
             }
             None => None,
         };
@@ -203,11 +234,108 @@ impl Node {
                 "connections still busy after the grace period; closing them"
             );
         }
-        if let Some(mesh) = mesh {
+        if let Some(store) = &self.store {
+            store.release().await;
+        }
+        if let Some((mesh, listing)) = on_nats {
+            listing.leave();
             mesh.drain().await;
         }
         info!(node = %self.name, "stopped");
     }
+}
+
+/// A node's life on NATS.
+struct OnNats {
+    mesh: Mesh,
+    listing: Arc<Listing>,
+    serving: Serving,
+}
+
+/// How a node serves `kv.node.<name>`.
+enum Serving {
+    /// A memory node: always.
+    Always(Box<mesh::Serving>),
+    /// A durable node: while it is the active process of its node.
+    WhileActive(RoleTask),
+}
+
+impl Serving {
+    async fn stop(self) {
+        match self {
+            Serving::Always(serving) => serving.stop().await,
+            Serving::WhileActive(task) => {
+                task.stop.cancel();
+                let _ = task.handle.await;
+            }
+        }
+    }
+}
+
+/// The task that serves on NATS while this process is active.
+struct RoleTask {
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// What serving `kv.node.<name>` takes.
+#[derive(Clone)]
+struct ServeArgs {
+    mesh: Mesh,
+    listing: Arc<Listing>,
+    router: Arc<Router>,
+    limits: Limits,
+    tracker: TaskTracker,
+}
+
+impl ServeArgs {
+    async fn start(&self) -> Result<mesh::Serving, MeshError> {
+        let handler = self.router.clone();
+        self.mesh
+            .serve(&self.listing, handler, self.limits, self.tracker.clone())
+            .await
+    }
+}
+
+/// Serves `kv.node.<name>` while the store says this process is the
+/// active one, and shows the role in the service API. Returns once the
+/// first role is in force (serving, when active).
+async fn serve_while_active(args: ServeArgs, store: &Store) -> Result<RoleTask, MeshError> {
+    let mut roles = store.roles();
+    let first = roles.borrow_and_update().clone();
+    args.listing.set_role(first.name());
+    let mut serving = match first {
+        Role::Active(_) => Some(args.start().await?),
+        Role::Standby(_) => None,
+    };
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let handle = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stopped.cancelled() => break,
+                changed = roles.changed() => if changed.is_err() { break },
+            }
+            let role = roles.borrow_and_update().clone();
+            match role {
+                Role::Active(_) if serving.is_none() => match args.start().await {
+                    Ok(started) => serving = Some(started),
+                    Err(err) => error!(error = %err, "cannot serve on NATS as the active process"),
+                },
+                Role::Standby(_) => {
+                    if let Some(serving) = serving.take() {
+                        serving.stop().await;
+                    }
+                }
+                Role::Active(_) => {}
+            }
+            args.listing.set_role(role.name());
+        }
+        if let Some(serving) = serving.take() {
+            serving.stop().await;
+        }
+    });
+    Ok(RoleTask { stop, handle })
 }
 
 /// Binds with a deep accept backlog.

@@ -234,7 +234,7 @@ impl Router {
             return false;
         };
         match command {
-            Command::Get { .. } => client_waits(store),
+            Command::Get { .. } => client_waits(store) || !store.lease_holds(),
             Command::Where { .. } => false,
             _ => true,
         }
@@ -267,7 +267,16 @@ impl Router {
         let bucket = command.bucket();
         let first = bucket.as_bytes().first().copied();
         if first.is_some_and(|b| self.local[b as usize]) {
-            return Ok(Target::Local);
+            // A standby forwards its node's buckets to the active process
+            // (a WHERE it answers itself: the owner is the node).
+            let standby = self.store.as_ref().is_some_and(|s| !s.is_active());
+            if !standby || matches!(command, Command::Where { .. }) {
+                return Ok(Target::Local);
+            }
+            if hops >= self.max_hops {
+                return Err(KvError::routing_loop(bucket));
+            }
+            return Ok(Target::Remote(&self.node));
         }
         match first.and_then(|b| self.table.owner_of_byte(b)) {
             None => Err(KvError::no_route(bucket)),

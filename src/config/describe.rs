@@ -17,6 +17,7 @@ const KEYS: &[&str] = &[
     "max_buckets",
     "durability",
     "replicas",
+    "failover_after_ms",
     "idle_timeout_secs",
     "nats_user",
     "nats_password",

@@ -65,6 +65,9 @@ pub struct Config {
     pub durability: Durability,
     /// JetStream replicas of a durable node's store (1 to 5).
     pub replicas: u32,
+    /// How long an active durable process may be silent before a standby
+    /// of the same node takes over.
+    pub failover_after_ms: u64,
     /// Close a TCP connection that sends nothing for this long; unset: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_secs: Option<u64>,
@@ -137,6 +140,7 @@ impl Default for Config {
             max_buckets: 1_000_000,
             durability: Durability::Memory,
             replicas: 1,
+            failover_after_ms: 3000,
             idle_timeout_secs: None,
             routes: None,
             nats_user: None,

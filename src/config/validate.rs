@@ -186,6 +186,7 @@ const RANGES: &[(&str, fn(&Config) -> u64, u64, u64)] = &[
     ),
     ("max_buckets", |c| c.max_buckets as u64, 1, 1 << 32),
     ("replicas", |c| u64::from(c.replicas), 1, 5),
+    ("failover_after_ms", |c| c.failover_after_ms, 200, 3_600_000),
     (
         "idle_timeout_secs",
         |c| c.idle_timeout_secs.unwrap_or(1),

@@ -26,39 +26,53 @@ use crate::error::KvError;
 use crate::wire::{self, HOPS_HEADER, WireRequest};
 
 impl Mesh {
-    /// Registers the `kvmesh` service and serves `kv.node.<node>` with `handler`.
-    /// Refuses to start when another process already serves that name.
-    /// When connected, returns only once the subscription has reached the server.
-    pub async fn serve<H: Handler>(
-        &self,
-        node: &str,
-        handler: Arc<H>,
-        limits: Limits,
-        tracker: TaskTracker,
-    ) -> Result<Serving, MeshError> {
+    /// Registers this process in the `kvmesh` service (`nats micro ls`).
+    /// With `exclusive` (a memory node), refuses when another process
+    /// already serves that name; durable processes share a name, one active.
+    pub async fn register(&self, node: &str, exclusive: bool) -> Result<Listing, MeshError> {
         let client = self.inner.client.clone();
-        let connected = self.is_connected();
-        if connected && !instances_named(&client, node).await.is_empty() {
+        if exclusive && self.is_connected() && !instances_named(&client, node).await.is_empty() {
             return Err(MeshError::DuplicateName(node.to_owned()));
         }
         let registration = Registration::new(&client, node, HashMap::new());
         let started = registration.started_ms();
         registration.set_metadata("node", node);
         registration.set_metadata("started", &started.to_string());
-        let me = Instance {
-            id: registration.id().to_owned(),
-            started,
-        };
+        let listed = CancellationToken::new();
+        registration
+            .clone()
+            .answer(client, listed.clone())
+            .await
+            .map_err(MeshError::Service)?;
+        Ok(Listing {
+            me: Instance {
+                id: registration.id().to_owned(),
+                started,
+                role: None,
+            },
+            registration,
+            listed,
+            exclusive,
+        })
+    }
+
+    /// Serves `kv.node.<node>` with `handler`, as the process `listing`
+    /// registered. When connected, returns only once the subscription has
+    /// reached the server.
+    pub async fn serve<H: Handler>(
+        &self,
+        listing: &Listing,
+        handler: Arc<H>,
+        limits: Limits,
+        tracker: TaskTracker,
+    ) -> Result<Serving, MeshError> {
+        let client = self.inner.client.clone();
+        let connected = self.is_connected();
+        let node = listing.registration.node();
         let requests = client
             .queue_subscribe(node_subject(node), QUEUE_GROUP.into())
             .await
             .map_err(|e| MeshError::Service(e.to_string()))?;
-        let listed = CancellationToken::new();
-        registration
-            .clone()
-            .answer(client.clone(), listed.clone())
-            .await
-            .map_err(MeshError::Service)?;
         if connected {
             // Ready only once the server has the subscription: a request sent
             // the moment this returns reaches this node.
@@ -74,30 +88,56 @@ impl Mesh {
             handler,
             limits,
             tracker,
-            registration,
+            registration: listing.registration.clone(),
         };
         let finished = CancellationToken::new();
         let task = tokio::spawn(serve.run(requests, stop.clone(), finished.clone()));
-        tokio::spawn(watch_for_duplicates(
-            self.clone(),
-            node.to_owned(),
-            me,
-            Tokens {
-                stop: stop.clone(),
-                finished,
-                deposed: deposed.clone(),
-            },
-        ));
+        if listing.exclusive {
+            tokio::spawn(watch_for_duplicates(
+                self.clone(),
+                node.to_owned(),
+                listing.me.clone(),
+                Tokens {
+                    stop: stop.clone(),
+                    finished,
+                    deposed: deposed.clone(),
+                },
+            ));
+        }
         Ok(Serving {
             node: node.to_owned(),
             forwarders,
-            listed,
             stop,
             deposed,
             task,
             client,
             timeout: self.inner.timeout,
         })
+    }
+}
+
+/// This process's entry in the service API; [`Listing::leave`] removes it.
+pub struct Listing {
+    registration: Registration,
+    me: Instance,
+    listed: CancellationToken,
+    exclusive: bool,
+}
+
+impl Listing {
+    /// The instance id (unique to this process).
+    pub fn id(&self) -> &str {
+        self.registration.id()
+    }
+
+    /// Shows `role` (`active` or `standby`) in the service API metadata.
+    pub fn set_role(&self, role: &str) {
+        self.registration.set_metadata("role", role);
+    }
+
+    /// Leaves the service API.
+    pub fn leave(&self) {
+        self.listed.cancel();
     }
 }
 
@@ -131,8 +171,6 @@ pub struct Serving {
     node: String,
     /// The inboxes of the nodes that forwarded to this one.
     forwarders: Forwarders,
-    /// Cancelled to leave the service API.
-    listed: CancellationToken,
     stop: CancellationToken,
     deposed: CancellationToken,
     task: JoinHandle<()>,
@@ -179,7 +217,6 @@ impl Serving {
             }
             confirm(&self.client, self.timeout, "announcing the stop").await;
         }
-        self.listed.cancel();
     }
 }
 

@@ -65,6 +65,11 @@ impl Registration {
         &self.shared.id
     }
 
+    /// The node this instance serves.
+    pub fn node(&self) -> &str {
+        &self.shared.node
+    }
+
     /// When this instance started, in milliseconds since the epoch.
     pub fn started_ms(&self) -> u64 {
         self.shared

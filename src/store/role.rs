@@ -1,0 +1,349 @@
+//! Which process of a node writes its store.
+//!
+//! Every process with the same node name and `durability = "jetstream"`
+//! keeps the whole store in memory. The active one writes it; the others,
+//! standbys, follow its changes on a KV watch and forward their clients'
+//! requests to the active one.
+//!
+//! The fencing is JetStream's own: every batch the active process writes
+//! carries `Nats-Expected-Last-Sequence`, the stream sequence of its own
+//! previous batch, so JetStream stores it only if nothing else was written
+//! to the store since. A standby takes over by writing the `active` key with
+//! the sequence of the last change it has applied: that succeeds only if it
+//! has seen every change in the store, and from then on every batch of the
+//! old active process is refused. So at most one process can store writes,
+//! and the new one holds every write the old one had acknowledged.
+//!
+//! Timing only decides *when* to try. The active process writes the `active`
+//! key at least every `failover_after / 4` (a heartbeat, when there is
+//! nothing else to write); a standby tries to take over once it has seen
+//! nothing for `failover_after`, or at once when the active one released the
+//! store on a clean stop. The active process answers reads from memory for
+//! `failover_after / 2` after it sent a batch that was stored: no standby
+//! can have taken over before then. After that, a read waits for the next
+//! batch, which proves the process is still the active one, or fails.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_nats::Client;
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::keys::{self, Stored};
+use super::load::{self, Loaded};
+use super::writer::{Outgoing, Sent};
+use super::{Job, Shared, StoreOptions};
+use crate::error::KvError;
+use crate::registry::Registry;
+
+/// A process's role, with why it has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Writes the store and answers for the node.
+    Active(String),
+    /// Follows the store and forwards to the active process.
+    Standby(String),
+}
+
+impl Role {
+    /// `active` or `standby`, as the service API shows it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Active(_) => "active",
+            Role::Standby(_) => "standby",
+        }
+    }
+}
+
+/// What the store task does next.
+pub(super) enum Phase {
+    /// Write the store; `seen` is the sequence of the last change stored.
+    Active { seen: u64, why: String },
+    /// Follow the store, loaded.
+    Standby { loaded: Box<Loaded>, why: String },
+    /// Load the store again (after stepping down), then decide.
+    Reload(String),
+    /// Stopped.
+    Stopped,
+}
+
+/// The store task: the node's store, in memory and in JetStream.
+pub(super) struct Keeper {
+    pub js: jetstream::Context,
+    pub client: Client,
+    pub options: StoreOptions,
+    /// `kvmesh_<node>`
+    pub name: String,
+    /// `$KV.kvmesh_<node>.`
+    pub prefix: String,
+    /// `KV_kvmesh_<node>`
+    pub stream: String,
+    pub registry: Registry,
+    pub shared: Arc<Shared>,
+    /// The last generation given to a CREATE (or seen in the store).
+    pub last_generation: u64,
+    /// Batches sent, for their ids.
+    pub batches: u64,
+}
+
+impl Keeper {
+    pub fn new(
+        client: Client,
+        options: StoreOptions,
+        registry: Registry,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let name = keys::store_name(&options.node);
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(options.timeout);
+        Self {
+            js,
+            client,
+            prefix: format!("$KV.{name}."),
+            stream: format!("KV_{name}"),
+            name,
+            options,
+            registry,
+            shared,
+            last_generation: 0,
+            batches: 0,
+        }
+    }
+
+    /// Loads the store and decides the first role.
+    pub async fn start(&mut self) -> Phase {
+        let loaded = self.load().await;
+        self.decide(loaded).await
+    }
+
+    /// Runs the store task until the node stops.
+    pub async fn run(mut self, mut phase: Phase, mut jobs: mpsc::Receiver<Job>) {
+        loop {
+            phase = match phase {
+                Phase::Active { seen, why } => {
+                    self.set_role(Role::Active(why));
+                    self.write(seen, &mut jobs).await
+                }
+                Phase::Standby { loaded, why } => {
+                    self.set_role(Role::Standby(why));
+                    self.follow(*loaded, &mut jobs).await
+                }
+                Phase::Reload(why) => {
+                    self.set_role(Role::Standby(why));
+                    let shared = self.shared.clone();
+                    tokio::select! {
+                        loaded = self.load() => self.decide(loaded).await,
+                        stopped = refuse_until_stopped(&shared, &mut jobs) => stopped,
+                    }
+                }
+                Phase::Stopped => return,
+            };
+        }
+    }
+
+    fn set_role(&self, role: Role) {
+        let active = matches!(role, Role::Active(_));
+        if !active {
+            self.shared.lease_until.store(0, Ordering::Release);
+        }
+        self.shared.active.store(active, Ordering::Release);
+        let node = &self.options.node;
+        match &role {
+            Role::Active(why) => info!(
+                node,
+                role = "active",
+                why,
+                "this process is the active one of node {node}"
+            ),
+            Role::Standby(why) => info!(
+                node,
+                role = "standby",
+                why,
+                "this process is a standby of node {node}"
+            ),
+        }
+        self.shared.role.send_replace(role);
+    }
+
+    /// Loads the store, retrying while NATS or JetStream is unreachable.
+    async fn load(&mut self) -> Loaded {
+        let mut attempt = 0u32;
+        loop {
+            let replicas = self.options.replicas;
+            match load::open_and_load(&self.js, &self.name, replicas, &self.registry).await {
+                Ok(loaded) => {
+                    self.last_generation = self.last_generation.max(loaded.highest);
+                    return loaded;
+                }
+                Err(error) => {
+                    attempt += 1;
+                    warn!(
+                        store = %self.name,
+                        %error,
+                        attempt,
+                        "cannot load the store from JetStream; retrying (nothing is answered until it is loaded)"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500).min(self.options.timeout)).await;
+                }
+            }
+        }
+    }
+
+    /// After a load: take over at once when no other process of the node
+    /// says it is active; follow otherwise.
+    async fn decide(&mut self, loaded: Loaded) -> Phase {
+        let others =
+            crate::mesh::active_elsewhere(&self.client, &self.options.node, &self.options.process)
+                .await;
+        if let Some(other) = others.first() {
+            let why = format!("process {other} is active");
+            return Phase::Standby {
+                loaded: Box::new(loaded),
+                why,
+            };
+        }
+        match self.take_over(loaded.seen).await {
+            Sent::Stored(seen) => Phase::Active {
+                seen,
+                why: "no other process of this node is active".into(),
+            },
+            _ => Phase::Standby {
+                loaded: Box::new(loaded),
+                why: "another process took over first".into(),
+            },
+        }
+    }
+
+    /// Writes the `active` key naming this process, if `seen` is still the
+    /// last change in the store.
+    async fn take_over(&mut self, seen: u64) -> Sent {
+        let sent_at = self.shared.now_ms();
+        let sent = self.send(vec![self.active_message()], seen).await;
+        if let Sent::Stored(_) = sent {
+            self.renew_lease(sent_at);
+        }
+        sent
+    }
+
+    /// The `active` key naming this process (a heartbeat).
+    pub fn active_message(&self) -> Outgoing {
+        let holder = serde_json::json!({
+            "process": self.options.process,
+            "listen": self.options.listen,
+        });
+        Outgoing::put(keys::ACTIVE_KEY.to_owned(), holder.to_string())
+    }
+
+    /// Reads from memory are safe for half the failover time after a batch
+    /// sent at `sent_at` (ms) was stored.
+    pub fn renew_lease(&self, sent_at: u64) {
+        let until = sent_at + self.options.failover_after.as_millis() as u64 / 2;
+        self.shared.lease_until.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// A standby: applies the store's changes as they come, and takes over
+    /// once the active process has been silent for `failover_after` or has
+    /// released the store.
+    async fn follow(&mut self, loaded: Loaded, jobs: &mut mpsc::Receiver<Job>) -> Phase {
+        let Loaded {
+            mut seen,
+            holder,
+            mut generations,
+            mut watch,
+            ..
+        } = loaded;
+        let failover_after = self.options.failover_after;
+        let mut quiet_since = Instant::now();
+        let mut released = holder.is_empty();
+        let mut tick = tokio::time::interval(failover_after / 10);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                entry = watch.next() => match entry {
+                    Some(Ok(entry)) => {
+                        seen = seen.max(entry.revision);
+                        quiet_since = Instant::now();
+                        let put = entry.operation == async_nats::jetstream::kv::Operation::Put;
+                        match keys::read(&entry.key, put.then_some(&entry.value[..])) {
+                            Some(Stored::Active(holder)) => released = holder.is_empty(),
+                            Some(Stored::Bucket(_, generation)) => {
+                                self.last_generation = self.last_generation.max(generation);
+                                load::follow_change(&self.registry, &mut generations, &entry);
+                            }
+                            _ => load::follow_change(&self.registry, &mut generations, &entry),
+                        }
+                    }
+                    Some(Err(error)) => {
+                        return Phase::Reload(format!("the store's watch failed ({error}); loading again"));
+                    }
+                    None => return Phase::Reload("the store's watch ended; loading again".into()),
+                },
+                job = jobs.recv() => match job {
+                    Some(Job::Commands { commands, answers }) => refuse(&self.shared, commands.len(), answers),
+                    Some(Job::Release(done)) => {
+                        let _ = done.send(());
+                        return Phase::Stopped;
+                    }
+                    None => return Phase::Stopped,
+                },
+                _ = tick.tick() => {}
+            }
+            if !released && quiet_since.elapsed() < failover_after {
+                continue;
+            }
+            let why = if released {
+                "the active process handed over".to_string()
+            } else {
+                format!(
+                    "the active process was silent for {} ms",
+                    failover_after.as_millis()
+                )
+            };
+            match self.take_over(seen).await {
+                Sent::Stored(seen) => return Phase::Active { seen, why },
+                Sent::Deposed => {
+                    // Changes this process has not seen yet: someone wrote.
+                    released = false;
+                    quiet_since = Instant::now();
+                }
+                Sent::Refused(error) | Sent::Unknown(error) => {
+                    warn!(%error, "could not take over the store; trying again");
+                    released = false;
+                    // Try again a quarter of the failover time from now.
+                    quiet_since = Instant::now()
+                        .checked_sub(failover_after * 3 / 4)
+                        .unwrap_or_else(Instant::now);
+                }
+            }
+        }
+    }
+}
+
+/// Answers commands that reached a process which is not (or no longer) the
+/// active one: nothing was stored.
+pub(super) fn refuse(
+    shared: &Shared,
+    len: usize,
+    answers: tokio::sync::oneshot::Sender<crate::mesh::Answers>,
+) {
+    shared.busy.fetch_sub(len, Ordering::AcqRel);
+    let _ = answers.send(vec![Err(KvError::store_unavailable()); len]);
+}
+
+/// Refuses commands until asked to stop.
+async fn refuse_until_stopped(shared: &Shared, jobs: &mut mpsc::Receiver<Job>) -> Phase {
+    loop {
+        match jobs.recv().await {
+            Some(Job::Commands { commands, answers }) => refuse(shared, commands.len(), answers),
+            Some(Job::Release(done)) => {
+                let _ = done.send(());
+                return Phase::Stopped;
+            }
+            None => return Phase::Stopped,
+        }
+    }
+}
