@@ -4,7 +4,8 @@
 //! - `b.<bucket>`: a bucket exists; the value is its generation, a number
 //!   chosen at its CREATE;
 //! - `k.<generation>.<key>`: a key of the bucket of that generation;
-//! - `active`: which process of the node writes the store (see `role.rs`).
+//! - `active`: which process of the node writes the store, and `alive`, its
+//!   heartbeat (see `role.rs`).
 //!
 //! Names are written with every byte outside `A-Z a-z 0-9 - _` as `=XX` (hex).
 
@@ -12,8 +13,12 @@ use std::collections::HashMap;
 
 use crate::command::{MAX_BUCKET_BYTES, MAX_KEY_BYTES, is_word};
 
-/// The key naming the process that writes the store.
+/// The key naming the process that writes the store, written when it takes
+/// over (every write is fenced on it).
 pub const ACTIVE_KEY: &str = "active";
+
+/// The active process's heartbeat.
+pub const ALIVE_KEY: &str = "alive";
 
 /// The JetStream KV bucket of node `node`.
 pub fn store_name(node: &str) -> String {
@@ -68,6 +73,8 @@ pub enum Stored {
     Entry(u64, String, String),
     /// `active`: the process named in it (empty: none).
     Active(String),
+    /// `alive`: a heartbeat.
+    Alive,
 }
 
 /// Reads a stored KV key (a put's value, or `None` for a delete). Anything
@@ -81,6 +88,9 @@ pub fn read(key: &str, value: Option<&[u8]>) -> Option<Stored> {
             .and_then(|v| std::str::from_utf8(v).ok())
             .unwrap_or("");
         return Some(Stored::Active(holder.to_owned()));
+    }
+    if key == ALIVE_KEY {
+        return Some(Stored::Alive);
     }
     if let Some(bucket) = key.strip_prefix("b.") {
         let bucket = decode(bucket).filter(|b| bucket_name(b))?;
@@ -120,7 +130,7 @@ pub fn take_entry(
             entries.push((generation, key, value));
             true
         }
-        Some(Stored::Active(_)) => true,
+        Some(Stored::Active(_) | Stored::Alive) => true,
         None => false,
     }
 }

@@ -194,6 +194,6 @@ pub(super) fn follow_change(
                 };
             }
         }
-        Some(Stored::Active(_)) | None => {}
+        Some(Stored::Active(_) | Stored::Alive) | None => {}
     }
 }

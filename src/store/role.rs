@@ -5,23 +5,25 @@
 //! standbys, follow its changes on a KV watch and forward their clients'
 //! requests to the active one.
 //!
-//! The fencing is JetStream's own: every batch the active process writes
-//! carries `Nats-Expected-Last-Sequence`, the stream sequence of its own
-//! previous batch, so JetStream stores it only if nothing else was written
-//! to the store since. A standby takes over by writing the `active` key with
-//! the sequence of the last change it has applied: that succeeds only if it
-//! has seen every change in the store, and from then on every batch of the
-//! old active process is refused. So at most one process can store writes,
-//! and the new one holds every write the old one had acknowledged.
+//! The fencing is JetStream's own. A process becomes active by writing the
+//! `active` key with `Nats-Expected-Last-Sequence` set to the sequence of
+//! the last change it has applied: JetStream stores it only if nothing else
+//! was written since, so the new active process holds every change in the
+//! store, and with them every write the old one acknowledged. Every write
+//! the active process makes carries `Nats-Expected-Last-Subject-Sequence`
+//! for the `active` key: the sequence of its own takeover. Once another
+//! process has taken over, that key has moved on, and JetStream refuses
+//! every write of the old one. So at most one process can store writes.
 //!
-//! Timing only decides *when* to try. The active process writes the `active`
+//! Timing only decides *when* to try. The active process writes the `alive`
 //! key at least every `failover_after / 4` (a heartbeat, when there is
 //! nothing else to write); a standby tries to take over once it has seen
 //! nothing for `failover_after`, or at once when the active one released the
 //! store on a clean stop. The active process answers reads from memory for
-//! `failover_after / 2` after it sent a batch that was stored: no standby
+//! `failover_after / 2` after it sent a write that was stored: no standby
 //! can have taken over before then. After that, a read waits for the next
-//! batch, which proves the process is still the active one, or fails.
+//! write (a heartbeat if need be), which proves the process is still the
+//! active one, or fails.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -61,8 +63,8 @@ impl Role {
 
 /// What the store task does next.
 pub(super) enum Phase {
-    /// Write the store; `seen` is the sequence of the last change stored.
-    Active { seen: u64, why: String },
+    /// Write the store.
+    Active { why: String },
     /// Follow the store, loaded.
     Standby { loaded: Box<Loaded>, why: String },
     /// Load the store again (after stepping down), then decide.
@@ -88,6 +90,8 @@ pub(super) struct Keeper {
     pub last_generation: u64,
     /// Batches sent, for their ids.
     pub batches: u64,
+    /// The stream sequence of this process's takeover (the fence).
+    pub lease_sequence: u64,
 }
 
 impl Keeper {
@@ -111,6 +115,7 @@ impl Keeper {
             shared,
             last_generation: 0,
             batches: 0,
+            lease_sequence: 0,
         }
     }
 
@@ -124,9 +129,9 @@ impl Keeper {
     pub async fn run(mut self, mut phase: Phase, mut jobs: mpsc::Receiver<Job>) {
         loop {
             phase = match phase {
-                Phase::Active { seen, why } => {
+                Phase::Active { why } => {
                     self.set_role(Role::Active(why));
-                    self.write(seen, &mut jobs).await
+                    self.write(&mut jobs).await
                 }
                 Phase::Standby { loaded, why } => {
                     self.set_role(Role::Standby(why));
@@ -207,8 +212,7 @@ impl Keeper {
             };
         }
         match self.take_over(loaded.seen).await {
-            Sent::Stored(seen) => Phase::Active {
-                seen,
+            Sent::Stored(_) => Phase::Active {
                 why: "no other process of this node is active".into(),
             },
             _ => Phase::Standby {
@@ -221,21 +225,40 @@ impl Keeper {
     /// Writes the `active` key naming this process, if `seen` is still the
     /// last change in the store.
     async fn take_over(&mut self, seen: u64) -> Sent {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Sent::Refused("not connected to NATS".into());
+        }
         let sent_at = self.shared.now_ms();
-        let sent = self.send(vec![self.active_message()], seen).await;
-        if let Sent::Stored(_) = sent {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Expected-Last-Sequence", seen.to_string().as_str());
+        let subject = format!("{}{}", self.prefix, keys::ACTIVE_KEY);
+        let sent = match self
+            .js
+            .publish_with_headers(subject, headers, self.holder().into())
+            .await
+        {
+            Ok(ack) => Sent::of(ack.await),
+            Err(err) => Sent::Refused(err.to_string()),
+        };
+        if let Sent::Stored(sequence) = sent {
+            self.lease_sequence = sequence;
             self.renew_lease(sent_at);
         }
         sent
     }
 
-    /// The `active` key naming this process (a heartbeat).
-    pub fn active_message(&self) -> Outgoing {
-        let holder = serde_json::json!({
+    /// This process, as the `active` and `alive` keys name it.
+    fn holder(&self) -> String {
+        serde_json::json!({
             "process": self.options.process,
             "listen": self.options.listen,
-        });
-        Outgoing::put(keys::ACTIVE_KEY.to_owned(), holder.to_string())
+        })
+        .to_string()
+    }
+
+    /// The `alive` key: a heartbeat.
+    pub fn alive_message(&self) -> Outgoing {
+        Outgoing::put(keys::ALIVE_KEY.to_owned(), self.holder())
     }
 
     /// Reads from memory are safe for half the failover time after a batch
@@ -304,7 +327,7 @@ impl Keeper {
                 )
             };
             match self.take_over(seen).await {
-                Sent::Stored(seen) => return Phase::Active { seen, why },
+                Sent::Stored(_) => return Phase::Active { why },
                 Sent::Deposed => {
                     // Changes this process has not seen yet: someone wrote.
                     released = false;

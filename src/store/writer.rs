@@ -1,22 +1,34 @@
-//! The active process's writes: commands from every connection are planned
-//! into one JetStream atomic batch at a time, sent without waiting between
-//! messages, and applied to memory in order once JetStream stored the batch.
-//! While a batch is on its way the next one gathers, so many writes share
-//! each round trip, and a connection's pipelined writes take effect in
-//! order. A read waits its turn only behind writes already on their way.
+//! The active process's writes. Commands from every connection are planned
+//! into batches, in order, and a batch's changes are applied to memory, and
+//! answered, once JetStream has stored them; reads in a batch are answered
+//! from memory in their turn. Every message carries the fence described in
+//! `role.rs` (`Nats-Expected-Last-Subject-Sequence` on the `active` key).
 //!
-//! Each batch's first message carries `Nats-Expected-Last-Sequence`: the
-//! fencing described in `role.rs`. An atomic batch is stored whole or not at
-//! all, so a refused batch leaves nothing behind.
+//! How a batch travels depends on the store's replicas:
+//! - one replica: its messages are published one by one, and many batches
+//!   are on their way at once, their acknowledgements taken in order (a
+//!   message is stored or not on its own);
+//! - several replicas: one JetStream atomic batch at a time (stored whole or
+//!   not at all), while the next one gathers. A replicated stream refuses a
+//!   second fenced message while one is still being agreed on, so these
+//!   batches cannot overlap; many writes share each round trip instead.
+//!
+//! A CREATE or DROP ends its batch, and the next batch waits until it is
+//! applied: whether a bucket exists decides what the writes after it do.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use async_nats::client::RequestErrorKind;
+use async_nats::HeaderMap;
 use async_nats::connection::State;
-use async_nats::{HeaderMap, Request};
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
@@ -27,7 +39,7 @@ use crate::command::{Command, Reply};
 use crate::error::KvError;
 use crate::mesh::Answers;
 
-/// The most messages in one atomic batch (JetStream's limit).
+/// The most messages in one batch (JetStream's limit for an atomic batch).
 const MAX_MESSAGES: usize = 1000;
 
 /// The most payload bytes in one batch.
@@ -36,8 +48,8 @@ const MAX_BYTES: usize = 4 << 20;
 /// The most commands planned into one batch (reads included).
 const MAX_ITEMS: usize = 4096;
 
-/// JetStream's error code for a failed `Nats-Expected-Last-Sequence`.
-const WRONG_LAST_SEQUENCE: u64 = 10071;
+/// With one replica, the most batches on their way at once.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// One message of a batch.
 pub(super) struct Outgoing {
@@ -65,18 +77,41 @@ impl Outgoing {
     }
 }
 
-/// What became of a batch.
+/// What became of a message.
+#[derive(Debug, Clone)]
 pub(super) enum Sent {
-    /// Stored, ending at this stream sequence.
+    /// Stored at this stream sequence.
     Stored(u64),
-    /// Refused because something else was written to the store since this
-    /// process's last batch: another process is active.
+    /// Refused by the fence: another process has taken over.
     Deposed,
     /// Certainly not stored (not connected, JetStream said no).
     Refused(String),
     /// Perhaps stored: the answer did not come.
     Unknown(String),
 }
+
+impl Sent {
+    /// What JetStream's answer to a publish means.
+    pub fn of(result: Result<PublishAck, PublishError>) -> Sent {
+        match result {
+            Ok(ack) => Sent::Stored(ack.sequence),
+            Err(err) => match err.kind() {
+                PublishErrorKind::WrongLastSequence => Sent::Deposed,
+                PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+                    Sent::Unknown(err.to_string())
+                }
+                _ => Sent::Refused(err.to_string()),
+            },
+        }
+    }
+
+    /// Whether this process may no longer trust its memory as the owner.
+    fn poisons(&self) -> bool {
+        matches!(self, Sent::Deposed | Sent::Unknown(_))
+    }
+}
+
+type Outcomes = Pin<Box<dyn Future<Output = Vec<Sent>> + Send>>;
 
 /// A change to apply to memory once JetStream has it.
 enum Change {
@@ -103,8 +138,8 @@ enum Change {
 enum Planned {
     /// Answered already (refused, or nothing to store).
     Answer(Result<Reply, KvError>),
-    /// Applied and answered `OK` once stored.
-    Change(Change),
+    /// Applied and answered `OK` once its message (by index) is stored.
+    Change(Change, usize),
     /// Answered from memory in its turn.
     Read(Command),
 }
@@ -185,7 +220,7 @@ impl Pending {
     }
 }
 
-/// A batch being planned: its messages, and its commands in order.
+/// A batch: its messages, and its commands in order.
 #[derive(Default)]
 struct Batch {
     messages: Vec<Outgoing>,
@@ -194,30 +229,31 @@ struct Batch {
     /// Buckets created or dropped earlier in this batch: their generation,
     /// or `None` once dropped.
     buckets: HashMap<String, Option<u64>>,
+    /// Whether it creates or drops a bucket.
+    structural: bool,
+}
+
+/// A batch on its way: what JetStream will say of each message.
+struct Flight {
+    batch: Batch,
+    sent_at: u64,
 }
 
 impl Keeper {
     /// The active process's loop: batches until it stops or steps down.
-    pub(super) async fn write(&mut self, mut seen: u64, jobs: &mut mpsc::Receiver<Job>) -> Phase {
+    pub(super) async fn write(&mut self, jobs: &mut mpsc::Receiver<Job>) -> Phase {
         let heartbeat = self.options.failover_after / 4;
+        let atomic = self.options.replicas > 1;
+        let max_in_flight = if atomic { 1 } else { MAX_IN_FLIGHT };
         let mut pending = Pending::default();
         let mut release: Option<oneshot::Sender<()>> = None;
         let mut last_sent = tokio::time::Instant::now();
+        let mut flights: FuturesOrdered<Pin<Box<dyn Future<Output = (Flight, Vec<Sent>)> + Send>>> =
+            FuturesOrdered::new();
+        // A CREATE or DROP on its way: nothing starts after it until applied.
+        let mut structural = false;
         loop {
-            if pending.queued.is_empty() {
-                if let Some(done) = release.take() {
-                    return self.release(seen, done).await;
-                }
-                tokio::select! {
-                    job = jobs.recv() => match job {
-                        Some(Job::Commands { commands, answers }) => pending.add(commands, answers),
-                        Some(Job::Release(done)) => release = Some(done),
-                        None => return Phase::Stopped,
-                    },
-                    () = tokio::time::sleep_until(last_sent + heartbeat) => {}
-                }
-            }
-            // Everything else already queued joins this batch.
+            // Everything already queued joins the batches.
             while release.is_none() && pending.queued.len() < MAX_ITEMS {
                 match jobs.try_recv() {
                     Ok(Job::Commands { commands, answers }) => pending.add(commands, answers),
@@ -225,58 +261,101 @@ impl Keeper {
                     Err(_) => break,
                 }
             }
-            let mut batch = self.plan(&mut pending);
-            let reads_only = batch.messages.is_empty();
-            if reads_only && !batch.items.is_empty() && self.shared.lease_holds() {
-                // Nothing to store, and still surely the active process.
-                self.apply(&mut pending, batch, true);
-                continue;
+            while !pending.queued.is_empty() && flights.len() < max_in_flight && !structural {
+                let mut batch = self.plan(&mut pending, atomic);
+                if batch.messages.is_empty() && !self.shared.lease_holds() {
+                    // Reads that need proof this process is still active.
+                    batch.messages.push(self.alive_message());
+                }
+                structural = batch.structural;
+                last_sent = tokio::time::Instant::now();
+                flights.push_back(self.dispatch(batch, atomic).await);
             }
-            if reads_only {
-                // A heartbeat, or reads that need proof this process is
-                // still the active one.
-                batch.messages.push(self.active_message());
+            if flights.is_empty() && pending.queued.is_empty() {
+                if let Some(done) = release.take() {
+                    return self.release(done).await;
+                }
             }
-            let sent_at = self.shared.now_ms();
-            last_sent = tokio::time::Instant::now();
-            match self.send(std::mem::take(&mut batch.messages), seen).await {
-                Sent::Stored(sequence) => {
-                    seen = sequence;
-                    self.renew_lease(sent_at);
-                    self.apply(&mut pending, batch, true);
-                }
-                Sent::Refused(error) => {
-                    debug!(%error, "JetStream did not store a batch");
-                    self.apply(&mut pending, batch, false);
-                }
-                Sent::Deposed => {
-                    self.shared.active.store(false, Ordering::Release);
-                    for (slot, _) in batch.items {
-                        pending.answer(&self.shared, slot, Err(KvError::store_unavailable()));
-                    }
-                    pending.refuse_all(&self.shared);
-                    warn!(node = %self.options.node, "another process has taken over this node's store; stepping down");
-                    return self.step_down(
-                        "another process took over while this one was silent or cut off",
-                        release,
-                    );
-                }
-                Sent::Unknown(error) => {
-                    self.shared.active.store(false, Ordering::Release);
-                    let unknown = KvError::outcome_unknown(&self.options.node);
-                    for (slot, planned) in batch.items {
-                        let answer = match planned {
-                            Planned::Answer(answer) => answer,
-                            Planned::Change(_) => Err(unknown.clone()),
-                            Planned::Read(_) => Err(KvError::store_unavailable()),
+            let idle = flights.is_empty() && pending.queued.is_empty();
+            tokio::select! {
+                job = jobs.recv(), if release.is_none() => match job {
+                    Some(Job::Commands { commands, answers }) => pending.add(commands, answers),
+                    Some(Job::Release(done)) => release = Some(done),
+                    None => return Phase::Stopped,
+                },
+                Some((flight, outcomes)) = flights.next(), if !flights.is_empty() => {
+                    structural &= !flight.batch.structural;
+                    if outcomes.iter().any(Sent::poisons) {
+                        self.shared.active.store(false, Ordering::Release);
+                        let deposed = outcomes.iter().any(|o| matches!(o, Sent::Deposed));
+                        self.answer_batch(&mut pending, flight, &outcomes);
+                        // The batches after it meet the same fate; answer them.
+                        while let Some((flight, outcomes)) = flights.next().await {
+                            self.answer_batch(&mut pending, flight, &outcomes);
+                        }
+                        pending.refuse_all(&self.shared);
+                        let why = if deposed {
+                            warn!(node = %self.options.node, "another process has taken over this node's store; stepping down");
+                            "another process took over while this one was silent or cut off"
+                        } else {
+                            warn!(node = %self.options.node, "no answer from JetStream for a write; loading the store again");
+                            "a write's outcome is unknown"
                         };
-                        pending.answer(&self.shared, slot, answer);
+                        return self.step_down(why, release);
                     }
-                    pending.refuse_all(&self.shared);
-                    warn!(%error, "no answer from JetStream for a batch; loading the store again");
-                    return self.step_down("a batch's outcome is unknown", release);
+                    self.answer_batch(&mut pending, flight, &outcomes);
+                },
+                () = tokio::time::sleep_until(last_sent + heartbeat), if idle => {
+                    let mut batch = Batch::default();
+                    batch.messages.push(self.alive_message());
+                    last_sent = tokio::time::Instant::now();
+                    flights.push_back(self.dispatch(batch, atomic).await);
                 }
             }
+        }
+    }
+
+    /// Sends a batch's messages now, in order, and returns what JetStream
+    /// will say of each.
+    async fn dispatch(
+        &mut self,
+        mut batch: Batch,
+        atomic: bool,
+    ) -> Pin<Box<dyn Future<Output = (Flight, Vec<Sent>)> + Send>> {
+        let sent_at = self.shared.now_ms();
+        let messages = std::mem::take(&mut batch.messages);
+        let outcomes = self.send(messages, atomic).await;
+        let flight = Flight { batch, sent_at };
+        Box::pin(async move { (flight, outcomes.await) })
+    }
+
+    /// Answers a batch's commands in order: each change applied if its
+    /// message was stored; reads from memory unless this process may no
+    /// longer trust it.
+    fn answer_batch(&mut self, pending: &mut Pending, flight: Flight, outcomes: &[Sent]) {
+        if outcomes.iter().any(|o| matches!(o, Sent::Stored(_))) {
+            self.renew_lease(flight.sent_at);
+        }
+        let poisoned = outcomes.iter().any(Sent::poisons);
+        for (slot, planned) in flight.batch.items {
+            let answer = match planned {
+                Planned::Answer(answer) => answer,
+                Planned::Change(change, i) => match outcomes.get(i) {
+                    Some(Sent::Stored(_)) => self.apply_change(change),
+                    Some(Sent::Unknown(_)) => Err(KvError::outcome_unknown(&self.options.node)),
+                    Some(Sent::Refused(error)) => {
+                        debug!(%error, "JetStream did not store a write");
+                        Err(KvError::store_unavailable())
+                    }
+                    _ => Err(KvError::store_unavailable()),
+                },
+                Planned::Read(_) if poisoned => Err(KvError::store_unavailable()),
+                Planned::Read(Command::Where { .. }) => {
+                    Err(KvError::internal("WHERE reached the store"))
+                }
+                Planned::Read(read) => self.registry.apply(read.borrowed()),
+            };
+            pending.answer(&self.shared, slot, answer);
         }
     }
 
@@ -293,24 +372,24 @@ impl Keeper {
 
     /// Hands the store over on a clean stop: the `active` key emptied, so
     /// that a standby takes over at once.
-    async fn release(&mut self, seen: u64, done: oneshot::Sender<()>) -> Phase {
+    async fn release(&mut self, done: oneshot::Sender<()>) -> Phase {
         self.shared.active.store(false, Ordering::Release);
         self.shared.lease_until.store(0, Ordering::Release);
         let empty = Outgoing::put(keys::ACTIVE_KEY.to_owned(), String::new());
-        match self.send(vec![empty], seen).await {
-            Sent::Stored(_) => debug!("handed the store over"),
-            Sent::Deposed | Sent::Refused(_) | Sent::Unknown(_) => {
-                debug!(
-                    "could not hand the store over; a standby takes over once this one is silent"
-                )
-            }
+        let outcomes = self.send(vec![empty], false).await.await;
+        match outcomes.first() {
+            Some(Sent::Stored(_)) => debug!("handed the store over"),
+            _ => debug!(
+                "could not hand the store over; a standby takes over once this one is silent"
+            ),
         }
         let _ = done.send(());
         Phase::Stopped
     }
 
-    /// Plans queued commands into one batch.
-    fn plan(&mut self, pending: &mut Pending) -> Batch {
+    /// Plans queued commands into one batch; in one-by-one mode a CREATE or
+    /// DROP ends it (a later message may be stored when it was not).
+    fn plan(&mut self, pending: &mut Pending, atomic: bool) -> Batch {
         let mut batch = Batch::default();
         while let Some((slot, command)) = pending.queued.pop_front() {
             let planned = self.plan_one(command, &mut batch);
@@ -318,6 +397,7 @@ impl Keeper {
             if batch.messages.len() >= MAX_MESSAGES
                 || batch.bytes >= MAX_BYTES
                 || batch.items.len() >= MAX_ITEMS
+                || (batch.structural && !atomic)
             {
                 break;
             }
@@ -341,6 +421,7 @@ impl Keeper {
                 }
                 let generation = self.new_generation();
                 batch.buckets.insert(bucket.clone(), Some(generation));
+                batch.structural = true;
                 (
                     Outgoing::put(bucket_key(&bucket), generation.to_string()),
                     Change::Create { bucket, generation },
@@ -351,6 +432,7 @@ impl Keeper {
                     return Planned::Answer(Err(KvError::not_found(&bucket)));
                 };
                 batch.buckets.insert(bucket.clone(), None);
+                batch.structural = true;
                 (
                     Outgoing::delete(bucket_key(&bucket)),
                     Change::Drop { bucket, generation },
@@ -377,24 +459,7 @@ impl Keeper {
         };
         batch.bytes += message.value.len() + message.key.len();
         batch.messages.push(message);
-        Planned::Change(change)
-    }
-
-    /// Answers a batch's commands in order: its changes applied when
-    /// `stored`, refused otherwise; reads from memory.
-    fn apply(&self, pending: &mut Pending, batch: Batch, stored: bool) {
-        for (slot, planned) in batch.items {
-            let answer = match planned {
-                Planned::Answer(answer) => answer,
-                Planned::Change(change) if stored => self.apply_change(change),
-                Planned::Change(_) => Err(KvError::store_unavailable()),
-                Planned::Read(Command::Where { .. }) => {
-                    Err(KvError::internal("WHERE reached the store"))
-                }
-                Planned::Read(read) => self.registry.apply(read.borrowed()),
-            };
-            pending.answer(&self.shared, slot, answer);
-        }
+        Planned::Change(change, batch.messages.len() - 1)
     }
 
     fn apply_change(&self, change: Change) -> Result<Reply, KvError> {
@@ -444,98 +509,89 @@ impl Keeper {
         self.last_generation
     }
 
-    /// Sends one atomic batch, stored only if the store's last sequence is
-    /// still `seen`.
-    pub(super) async fn send(&mut self, messages: Vec<Outgoing>, seen: u64) -> Sent {
-        // While disconnected the client would hold the messages until the
-        // request times out: refuse at once instead.
+    /// Publishes messages now, in order, each fenced (see `role.rs`): one
+    /// by one, or as one atomic batch; returns what JetStream will say of
+    /// each message.
+    pub(super) async fn send(&mut self, messages: Vec<Outgoing>, atomic: bool) -> Outcomes {
+        let count = messages.len();
+        let refused = |why: String| -> Outcomes {
+            Box::pin(std::future::ready(vec![Sent::Refused(why); count]))
+        };
+        // While disconnected the client would hold the messages until they
+        // time out: refuse at once instead.
         if self.client.connection_state() != State::Connected {
-            return Sent::Refused("not connected to NATS".into());
+            return refused("not connected to NATS".into());
         }
         self.batches += 1;
         let id = format!("{}-{}", self.options.process, self.batches);
-        let count = messages.len();
-        let mut last = None;
+        let mut acks = Vec::with_capacity(if atomic { 1 } else { count });
         for (i, message) in messages.into_iter().enumerate() {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Batch-Id", id.as_str());
-            headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
-            if i == 0 {
-                headers.insert("Nats-Expected-Last-Sequence", seen.to_string().as_str());
-            }
+            let mut headers = self.fence();
             if message.delete {
                 headers.insert("KV-Operation", "DEL");
             }
+            let last = i + 1 == count;
+            if atomic {
+                headers.insert("Nats-Batch-Id", id.as_str());
+                headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+                if last {
+                    headers.insert("Nats-Batch-Commit", "1");
+                }
+            }
             let subject = format!("{}{}", self.prefix, message.key);
-            if i + 1 == count {
-                headers.insert("Nats-Batch-Commit", "1");
-                last = Some((subject, headers, message.value));
-            } else if let Err(err) = self
-                .client
+            if atomic && !last {
+                // Stored with the commit, or not at all.
+                if let Err(err) = self
+                    .client
+                    .publish_with_headers(subject, headers, message.value)
+                    .await
+                {
+                    return refused(err.to_string());
+                }
+                continue;
+            }
+            match self
+                .js
                 .publish_with_headers(subject, headers, message.value)
                 .await
             {
-                return Sent::Refused(err.to_string());
+                Ok(ack) => acks.push(Some(ack)),
+                Err(err) if atomic => return refused(err.to_string()),
+                Err(err) => {
+                    debug!(error = %err, "could not publish a write");
+                    acks.push(None);
+                }
             }
         }
-        let Some((subject, headers, value)) = last else {
-            return Sent::Stored(seen);
-        };
-        let request = Request::new()
-            .headers(headers)
-            .payload(value)
-            .timeout(Some(self.options.timeout));
-        match self.client.send_request(subject, request).await {
-            Ok(reply) => read_ack(&reply.payload),
-            Err(err) if err.kind() == RequestErrorKind::NoResponders => {
-                Sent::Refused("JetStream is not answering for the store".into())
+        Box::pin(async move {
+            let mut outcomes = Vec::with_capacity(count);
+            for ack in acks {
+                let sent = match ack {
+                    Some(ack) => Sent::of(ack.await),
+                    None => Sent::Refused("not published".into()),
+                };
+                if atomic {
+                    outcomes.resize(count, sent);
+                    break;
+                }
+                outcomes.push(sent);
             }
-            Err(err) => Sent::Unknown(err.to_string()),
-        }
+            outcomes
+        })
     }
-}
 
-/// Reads JetStream's answer to a batch's commit.
-fn read_ack(payload: &[u8]) -> Sent {
-    let Ok(ack) = serde_json::from_slice::<serde_json::Value>(payload) else {
-        return Sent::Unknown("JetStream's answer was not JSON".into());
-    };
-    if let Some(error) = ack.get("error") {
-        let code = error.get("err_code").and_then(|c| c.as_u64());
-        let text = error
-            .get("description")
-            .and_then(|d| d.as_str())
-            .unwrap_or("refused");
-        return match code {
-            Some(WRONG_LAST_SEQUENCE) => Sent::Deposed,
-            _ => Sent::Refused(text.to_owned()),
-        };
-    }
-    match ack.get("seq").and_then(|s| s.as_u64()) {
-        Some(sequence) => Sent::Stored(sequence),
-        None => Sent::Unknown("JetStream's answer had no sequence".into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batch_answers_are_read() {
-        assert!(matches!(
-            read_ack(br#"{"stream":"KV_kvmesh_t","seq":4,"batch":"b","count":3}"#),
-            Sent::Stored(4)
-        ));
-        assert!(matches!(
-            read_ack(br#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 4"},"stream":"KV_kvmesh_t","seq":0}"#),
-            Sent::Deposed
-        ));
-        assert!(matches!(
-            read_ack(br#"{"error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#),
-            Sent::Refused(text) if text.contains("temporarily")
-        ));
-        assert!(matches!(read_ack(b"nonsense"), Sent::Unknown(_)));
-        assert!(matches!(read_ack(b"{}"), Sent::Unknown(_)));
+    /// The fence every write carries: stored only while the `active` key
+    /// is still the one this process wrote when it took over.
+    fn fence(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            self.lease_sequence.to_string().as_str(),
+        );
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence-Subject",
+            format!("{}{}", self.prefix, keys::ACTIVE_KEY).as_str(),
+        );
+        headers
     }
 }
