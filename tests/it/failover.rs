@@ -1,0 +1,431 @@
+//! Failover: several processes share a durable node's name; one is active,
+//! the others are standbys that take over when it dies, hangs, is cut off
+//! from NATS, or stops. A process that another has replaced never
+//! acknowledges a write as the owner again. Every test checks what clients
+//! were told against what the store holds afterwards.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use crate::nats::{NatsCluster, NatsServer};
+
+const ROUTES_ENV: &str = r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#;
+
+/// A durable process of node foo on `url`, taking over after `failover_ms`.
+fn spawn_foo(url: &str, failover_ms: u64) -> Process {
+    spawn_foo_with(url, failover_ms, 1)
+}
+
+/// [`spawn_foo`] with a store of `replicas` replicas.
+fn spawn_foo_with(url: &str, failover_ms: u64, replicas: u32) -> Process {
+    let mut cmd = clean_command();
+    cmd.env("KVMESH_REPLICAS", replicas.to_string());
+    cmd.env("KVMESH_ROUTES", ROUTES_ENV)
+        .env("KVMESH_DURABILITY", "jetstream")
+        .env("KVMESH_FAILOVER_AFTER_MS", failover_ms.to_string())
+        .env("KVMESH_REQUEST_TIMEOUT_MS", "2000");
+    spawn_kvmesh_with(cmd, &["--node", "foo", "--nats-url", url])
+}
+
+/// Node bar (memory, owns n-z), in this process.
+async fn start_bar(url: &str) -> kvmesh::Node {
+    let mut config = mesh_config("bar", FOO_BAR, url);
+    config.request_timeout_ms = 2000;
+    start_node(config).await
+}
+
+/// Sends a signal to a process.
+fn signal(process: &Process, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &process.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// Whether an error answer means the write certainly did not happen.
+fn refused(line: &str) -> bool {
+    [
+        "ERROR store unavailable\r\n",
+        "ERROR node foo unavailable\r\n",
+        "ERROR mesh unavailable\r\n",
+    ]
+    .contains(&line)
+}
+
+/// The roles the service API shows for node foo's processes.
+async fn roles(url: &str) -> Vec<String> {
+    let client = nats_client(url).await;
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client
+        .publish_with_reply("$SRV.INFO.kvmesh", inbox, "".into())
+        .await
+        .expect("ask");
+    let mut roles = Vec::new();
+    while let Ok(Some(reply)) = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures_util::StreamExt::next(&mut replies),
+    )
+    .await
+    {
+        let info: serde_json::Value = serde_json::from_slice(&reply.payload).expect("json");
+        if info["metadata"]["node"] == "foo" {
+            roles.push(
+                info["metadata"]["role"]
+                    .as_str()
+                    .unwrap_or("none")
+                    .to_owned(),
+            );
+        }
+    }
+    roles.sort();
+    roles
+}
+
+/// Writes to `key` through `addr` until one is acknowledged; returns how
+/// long that took, failing with the log of `standby` after `bound`.
+async fn until_a_write_lands(
+    addr: SocketAddr,
+    key: &str,
+    bound: Duration,
+    standby: &Process,
+) -> Duration {
+    let started = Instant::now();
+    let mut conn = None;
+    let mut n = 0;
+    loop {
+        n += 1;
+        if let Ok(lines) = ask(&mut conn, addr, &format!("PUT apple {key} w{n}")).await
+            && lines == ["OK\r\n"]
+        {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < bound,
+            "no write on foo's buckets landed within {bound:?}; the standby's log:\n{}",
+            standby.log().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A client writing, deleting and reading its own keys of `apple` through
+/// whichever address `addr` holds, checking each read against a model of
+/// what it was told; returns the model.
+async fn client(
+    id: u64,
+    addr: Arc<Mutex<SocketAddr>>,
+    stop: Arc<AtomicBool>,
+) -> BTreeMap<u64, BTreeSet<Option<String>>> {
+    let mut model: BTreeMap<u64, BTreeSet<Option<String>>> = BTreeMap::new();
+    let mut rng = XorShift::stream(seed_from_env("FAILOVER_SEED"), id);
+    let mut conn = None;
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let target = *addr.lock().expect("lock");
+        let k = rng.below(8);
+        let possible = model.entry(k).or_insert_with(|| BTreeSet::from([None]));
+        n += 1;
+        let (line, value) = match rng.below(5) {
+            0 => (format!("DELETE apple c{id}k{k}"), None),
+            1 | 2 => (format!("GET apple c{id}k{k}"), None),
+            _ => {
+                let v = format!("v{id}-{n}");
+                (format!("PUT apple c{id}k{k} {v}"), Some(v))
+            }
+        };
+        let answer = ask(&mut conn, target, &line).await.ok();
+        if line.starts_with("GET") {
+            if let Some(lines) = answer
+                && lines.len() == 2
+            {
+                let v = lines[0].trim_end_matches("\r\n");
+                let got = (!v.is_empty()).then(|| v.to_owned());
+                assert!(
+                    possible.contains(&got),
+                    "client {id}: {line} answered {got:?}, model {possible:?}"
+                );
+                *possible = BTreeSet::from([got]);
+            }
+            continue;
+        }
+        match answer {
+            Some(lines) if lines == ["OK\r\n"] => *possible = BTreeSet::from([value]),
+            Some(lines) if lines.len() == 1 && refused(&lines[0]) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Some(lines) if lines.len() == 1 && lines[0].starts_with("ERROR ") => {
+                possible.insert(value);
+            }
+            Some(lines) => panic!("client {id}: {line} answered {lines:?}"),
+            None => {
+                possible.insert(value);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    model
+}
+
+/// Every key of every model, read through `addr`, holds a value its model
+/// allows.
+async fn verify(models: &[BTreeMap<u64, BTreeSet<Option<String>>>], addr: SocketAddr) -> usize {
+    let mut c = LineClient::connect(addr).await;
+    let mut checked = 0;
+    for (id, model) in models.iter().enumerate() {
+        for (k, possible) in model {
+            let answer = c.read_after(&format!("GET apple c{id}k{k}")).await;
+            let v = answer.trim_end_matches("\r\nOK\r\n");
+            let got = (!v.is_empty()).then(|| v.to_owned());
+            assert!(
+                possible.contains(&got),
+                "c{id}k{k}: {got:?}, model {possible:?}"
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_active_process_is_killed() {
+    let _heavy = heavy().await;
+    let Some(nats) = NatsServer::start_jetstream() else {
+        return;
+    };
+    let url = nats.url();
+    let failover = Duration::from_millis(1000);
+    let kills: usize = std::env::var("FAILOVER_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let mut procs = [spawn_foo(&url, 1000), spawn_foo(&url, 1000)];
+    procs[1].wait_for_log("standby", 1);
+    assert_eq!(roles(&url).await, ["active", "standby"]);
+    let bar = start_bar(&url).await;
+    let mut setup = LineClient::connect(bar.local_addr()).await;
+    setup.eventually("CREATE apple", "OK\r\n").await;
+
+    // Clients through bar, and straight to foo's standby (which forwards,
+    // and answers for itself once it takes over).
+    let via_bar = Arc::new(Mutex::new(bar.local_addr()));
+    let direct = Arc::new(Mutex::new(procs[1].addr));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4u64)
+        .map(|id| {
+            let addr = if id % 2 == 0 {
+                via_bar.clone()
+            } else {
+                direct.clone()
+            };
+            tokio::spawn(client(id, addr, stop.clone()))
+        })
+        .collect();
+    let mut active = 0;
+    let mut takeovers = Vec::new();
+    for round in 0..kills {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let standby = 1 - active;
+        *direct.lock().expect("lock") = procs[standby].addr;
+        procs[active].kill();
+        let bound = failover + Duration::from_secs(2);
+        let took = until_a_write_lands(bar.local_addr(), "probe", bound, &procs[standby]).await;
+        eprintln!(
+            "failover: round {round}: writes land again {} ms after kill -9",
+            took.as_millis()
+        );
+        takeovers.push(took);
+        procs[standby].wait_for_log("the active process was silent", 1);
+        procs[active] = spawn_foo(&url, 1000);
+        procs[active].wait_for_log("standby", 1);
+        active = standby;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut models = Vec::new();
+    for c in clients {
+        models.push(
+            within("client", c)
+                .await
+                .expect("a client found a wrong answer"),
+        );
+    }
+    takeovers.sort();
+    eprintln!(
+        "failover: {} kills, takeover median {} ms, worst {} ms",
+        takeovers.len(),
+        takeovers[takeovers.len() / 2].as_millis(),
+        takeovers[takeovers.len() - 1].as_millis()
+    );
+    let checked = verify(&models, bar.local_addr()).await;
+    // And once more from the store alone: both processes killed, one back.
+    for p in &mut procs {
+        p.kill();
+    }
+    let alone = spawn_foo(&url, 1000);
+    let again = verify(&models, alone.addr).await;
+    eprintln!("failover: {checked} + {again} keys checked");
+    bar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_active_process_comes_back_as_a_standby_and_acknowledges_nothing() {
+    let _heavy = heavy().await;
+    let Some(nats) = NatsServer::start_jetstream() else {
+        return;
+    };
+    let url = nats.url();
+    let old = spawn_foo(&url, 1000);
+    let new = spawn_foo(&url, 1000);
+    new.wait_for_log("standby", 1);
+    let bar = start_bar(&url).await;
+    let mut c = LineClient::connect(bar.local_addr()).await;
+    c.eventually("CREATE apple", "OK\r\n").await;
+    c.exchange("PUT apple shared old", "OK\r\n").await;
+    let mut direct = LineClient::connect(old.addr).await;
+    direct.exchange("GET apple shared", "old\r\nOK\r\n").await;
+
+    signal(&old, "-STOP");
+    // NATS still hands some requests for foo to the paused process (it is
+    // still subscribed); those time out, the others reach the new one.
+    until_a_write_lands(bar.local_addr(), "probe", Duration::from_secs(10), &new).await;
+    new.wait_for_log("the active process was silent", 1);
+    c.exchange("PUT apple shared new", "OK\r\n").await;
+    // Requests that reach the old process while it is paused, answered
+    // once it runs again.
+    let writes: String = (0..20)
+        .map(|i| format!("PUT apple paused{i} p{i}\r\n"))
+        .collect();
+    direct.send(format!("{writes}GET apple shared\r\n")).await;
+    signal(&old, "-CONT");
+    let mut acknowledged = Vec::new();
+    for i in 0..20 {
+        let answer = direct.read_line().await;
+        match answer.as_str() {
+            "OK\r\n" => acknowledged.push(i),
+            other => assert!(refused(other), "PUT paused{i} answered {other:?}"),
+        }
+    }
+    let read = direct.read_answer().await;
+    assert!(
+        read == "new\r\nOK\r\n" || refused(&read),
+        "the old process answered a read with what is no longer true: {read:?}"
+    );
+    old.wait_for_log("stepping down", 1);
+    old.wait_for_log("this process is a standby", 2);
+    // Whatever it acknowledged, the active process has.
+    for i in &acknowledged {
+        c.exchange(&format!("GET apple paused{i}"), &format!("p{i}\r\nOK\r\n"))
+            .await;
+    }
+    // From now on it forwards: its writes land on the new active process.
+    direct.eventually("PUT apple after x", "OK\r\n").await;
+    c.exchange("GET apple after", "x\r\nOK\r\n").await;
+    direct.exchange("GET apple shared", "new\r\nOK\r\n").await;
+    assert_eq!(roles(&url).await, ["active", "standby"]);
+    eprintln!(
+        "failover: the paused process acknowledged {} of 20 writes, all kept",
+        acknowledged.len()
+    );
+    bar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_cut_off_from_nats_is_replaced_and_comes_back_as_a_standby() {
+    let _heavy = heavy().await;
+    let Some(mut cluster) = NatsCluster::start_jetstream() else {
+        return;
+    };
+    let (a, b) = (cluster.servers[0].url(), cluster.servers[1].url());
+    let old = spawn_foo_with(&a, 1000, 3);
+    let new = spawn_foo_with(&b, 1000, 3);
+    new.wait_for_log("standby", 1);
+    let bar = start_bar(&cluster.servers[2].url()).await;
+    let mut c = LineClient::connect(bar.local_addr()).await;
+    c.eventually("CREATE apple", "OK\r\n").await;
+    c.eventually("PUT apple before 1", "OK\r\n").await;
+
+    cluster.servers[0].kill();
+    let took = until_a_write_lands(bar.local_addr(), "probe", Duration::from_secs(3), &new).await;
+    eprintln!(
+        "failover: writes land again {} ms after the active process lost NATS",
+        took.as_millis()
+    );
+    new.wait_for_log("the active process was silent", 1);
+    c.exchange("PUT apple during 2", "OK\r\n").await;
+    cluster.servers[0].restart();
+    old.wait_for_log("this process is a standby", 2);
+    let mut direct = LineClient::connect(old.addr).await;
+    direct.eventually("PUT apple after 3", "OK\r\n").await;
+    for (key, value) in [("before", "1"), ("during", "2"), ("after", "3")] {
+        c.exchange(&format!("GET apple {key}"), &format!("{value}\r\nOK\r\n"))
+            .await;
+        direct
+            .exchange(&format!("GET apple {key}"), &format!("{value}\r\nOK\r\n"))
+            .await;
+    }
+    bar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_the_node_over_at_once() {
+    let _heavy = heavy().await;
+    let Some(nats) = NatsServer::start_jetstream() else {
+        return;
+    };
+    let url = nats.url();
+    // A standby would wait a minute for silence: only a hand-over is quick.
+    let mut old = spawn_foo(&url, 60_000);
+    let new = spawn_foo(&url, 60_000);
+    new.wait_for_log("standby", 1);
+    let bar = start_bar(&url).await;
+    let mut c = LineClient::connect(bar.local_addr()).await;
+    c.eventually("CREATE apple", "OK\r\n").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, addr) = (stop.clone(), bar.local_addr());
+        tokio::spawn(async move {
+            // The longest time between two acknowledged writes.
+            let mut conn = None;
+            let (mut last_ok, mut longest, mut n) = (Instant::now(), Duration::ZERO, 0);
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                match ask(&mut conn, addr, &format!("PUT apple k v{n}")).await {
+                    Ok(lines) if lines == ["OK\r\n"] => {
+                        longest = longest.max(last_ok.elapsed());
+                        last_ok = Instant::now();
+                    }
+                    Ok(lines) => assert!(lines.len() == 1 && refused(&lines[0]), "{lines:?}"),
+                    Err(()) => {}
+                }
+            }
+            (longest, n)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(old.stop_with("-TERM"), Some(0));
+    new.wait_for_log("the active process handed over", 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (longest, n) = within("writer", writer).await.expect("writer");
+    eprintln!(
+        "failover: SIGTERM hand-over: longest gap between acknowledged writes {} ms ({n} writes)",
+        longest.as_millis()
+    );
+    assert!(
+        longest < Duration::from_secs(1),
+        "writes stopped for {longest:?}"
+    );
+    // The new active process holds the last acknowledged value.
+    c.send("GET apple k\r\n").await;
+    let through_bar = c.read_answer().await;
+    let mut direct = LineClient::connect(new.addr).await;
+    direct.exchange("GET apple k", &through_bar).await;
+    assert!(through_bar.starts_with('v'), "{through_bar:?}");
+    bar.shutdown().await;
+}
