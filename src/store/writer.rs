@@ -113,6 +113,9 @@ impl Sent {
 
 type Outcomes = Pin<Box<dyn Future<Output = Vec<Sent>> + Send>>;
 
+/// A batch on its way, and what JetStream said of each message.
+type Landing = Pin<Box<dyn Future<Output = (Flight, Vec<Sent>)> + Send>>;
+
 /// A change to apply to memory once JetStream has it.
 enum Change {
     Create {
@@ -248,8 +251,7 @@ impl Keeper {
         let mut pending = Pending::default();
         let mut release: Option<oneshot::Sender<()>> = None;
         let mut last_sent = tokio::time::Instant::now();
-        let mut flights: FuturesOrdered<Pin<Box<dyn Future<Output = (Flight, Vec<Sent>)> + Send>>> =
-            FuturesOrdered::new();
+        let mut flights: FuturesOrdered<Landing> = FuturesOrdered::new();
         // A CREATE or DROP on its way: nothing starts after it until applied.
         let mut structural = false;
         loop {
@@ -271,10 +273,11 @@ impl Keeper {
                 last_sent = tokio::time::Instant::now();
                 flights.push_back(self.dispatch(batch, atomic).await);
             }
-            if flights.is_empty() && pending.queued.is_empty() {
-                if let Some(done) = release.take() {
-                    return self.release(done).await;
-                }
+            if flights.is_empty()
+                && pending.queued.is_empty()
+                && let Some(done) = release.take()
+            {
+                return self.release(done).await;
             }
             let idle = flights.is_empty() && pending.queued.is_empty();
             tokio::select! {
@@ -317,11 +320,7 @@ impl Keeper {
 
     /// Sends a batch's messages now, in order, and returns what JetStream
     /// will say of each.
-    async fn dispatch(
-        &mut self,
-        mut batch: Batch,
-        atomic: bool,
-    ) -> Pin<Box<dyn Future<Output = (Flight, Vec<Sent>)> + Send>> {
+    async fn dispatch(&mut self, mut batch: Batch, atomic: bool) -> Landing {
         let sent_at = self.shared.now_ms();
         let messages = std::mem::take(&mut batch.messages);
         let outcomes = self.send(messages, atomic).await;
