@@ -52,7 +52,25 @@ pub fn describe(overrides: &Overrides) -> Result<String, ConfigError> {
             None => out.push_str(&format!("# {key}: not set\n")),
         }
     }
+    out.push_str(&role(&config));
     Ok(out)
+}
+
+/// The role a process with this configuration takes, and why.
+fn role(config: &Config) -> String {
+    let node = &config.node;
+    match config.durability {
+        super::Durability::Memory => format!(
+            "# role: the only process of node {node} (memory: a second process \
+             with this name is refused at start)\n"
+        ),
+        super::Durability::Jetstream => format!(
+            "# role: active if no other process of node {node} is active when it \
+             starts, else a standby that takes over after {} ms of silence from \
+             the active one, or at once when it stops cleanly\n",
+            config.failover_after_ms
+        ),
+    }
 }
 
 /// Writes a JSON value as an inline TOML value.

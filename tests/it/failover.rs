@@ -429,3 +429,34 @@ async fn sigterm_hands_the_node_over_at_once() {
     assert!(through_bar.starts_with('v'), "{through_bar:?}");
     bar.shutdown().await;
 }
+
+#[test]
+fn check_config_says_which_role_a_process_takes() {
+    let mut durable = clean_command();
+    durable
+        .args(["check-config"])
+        .env("KVMESH_NODE", "foo")
+        .env("KVMESH_DURABILITY", "jetstream")
+        .env("KVMESH_FAILOVER_AFTER_MS", "1500");
+    let (code, out, err) = run(&mut durable);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("failover_after_ms = 1500  # environment"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "# role: active if no other process of node foo is active when it starts, else a \
+             standby that takes over after 1500 ms of silence from the active one, or at once \
+             when it stops cleanly\n"
+        ),
+        "{out}"
+    );
+    let mut memory = clean_command();
+    memory.args(["check-config"]).env("KVMESH_NODE", "foo");
+    let (_, out, _) = run(&mut memory);
+    assert!(
+        out.contains("# role: the only process of node foo (memory"),
+        "{out}"
+    );
+}

@@ -158,10 +158,19 @@ fn the_compose_file_and_configs_describe_a_whole_cluster() {
         used_files.insert(file.clone());
         let env = merged(&s["environment"]);
         let env = |key: &str| env.get(key).and_then(Yaml::as_str).map(defaults);
+        // `<node>-standby` is a second process of a durable node.
+        let node = name.strip_suffix("-standby").unwrap_or(name);
+        if node != name {
+            assert_eq!(
+                env("KVMESH_DURABILITY").as_deref(),
+                Some("jetstream"),
+                "{name}: only a durable node has standbys"
+            );
+        }
         assert_eq!(
             env("KVMESH_NATS_USER").as_deref(),
-            Some(name.as_str()),
-            "{name}: own NATS user"
+            Some(node),
+            "{name}: its node's own NATS user"
         );
         assert!(
             env("KVMESH_NATS_PASSWORD").is_some(),
@@ -175,7 +184,7 @@ fn the_compose_file_and_configs_describe_a_whole_cluster() {
         })
         .unwrap_or_else(|e| panic!("{name}: {e}"));
         let config = &settings.config;
-        assert_eq!(&config.node, name, "{name}: service and node names match");
+        assert_eq!(config.node, node, "{name}: service and node names match");
         assert_eq!(
             config.listen, "0.0.0.0:4040",
             "{name}: reachable inside the container network"
@@ -204,7 +213,7 @@ fn the_compose_file_and_configs_describe_a_whole_cluster() {
                 .any(|p| p.as_str().is_some_and(|p| p.ends_with(":4040")))),
             "{name}: TCP port published"
         );
-        tables.insert(name.clone(), (settings.table.clone(), config.max_hops));
+        tables.insert(node.to_owned(), (settings.table.clone(), config.max_hops));
     }
     let distinct: BTreeSet<&String> = host_ports.iter().collect();
     assert_eq!(
