@@ -105,6 +105,7 @@ impl Mesh {
             ));
         }
         Ok(Serving {
+            announce_stop: listing.exclusive,
             node: node.to_owned(),
             forwarders,
             stop,
@@ -168,6 +169,9 @@ impl Forwarders {
 
 /// A running serve loop; stop it before draining the client.
 pub struct Serving {
+    /// Whether this is the only process serving its name, so that it may
+    /// tell the forwarding nodes when it stops.
+    announce_stop: bool,
     node: String,
     /// The inboxes of the nodes that forwarded to this one.
     forwarders: Forwarders,
@@ -207,7 +211,13 @@ impl Serving {
             // Everything this node was given is answered: tell every node
             // that forwarded to it, in the inbox its replies went to, so that
             // a request the server delivered while the unsubscription was on
-            // its way (and that this node never saw) fails at once.
+            // its way (and that this node never saw) fails at once. Not when
+            // other processes serve the same name (a durable node's
+            // standbys): the notice would fail requests that another process
+            // of the node is running.
+            if !self.announce_stop {
+                return;
+            }
             let inboxes = std::mem::take(&mut *self.forwarders.lock());
             for inbox in inboxes {
                 let notice = format!("{inbox}.{LEFT}");

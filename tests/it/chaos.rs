@@ -427,3 +427,155 @@ async fn a_durable_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     );
     assert!(faults > 0 && counts.answers.load(Ordering::Relaxed) > 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_nodes_with_standbys_survive_chaos_without_split_brain() {
+    let _heavy = heavy().await;
+    let Some(mut cluster) = NatsCluster::start_jetstream() else {
+        return;
+    };
+    let (seed, seconds) = chaos_settings("failover chaos");
+    let urls = cluster.urls();
+    // foo and bar own a-m and n-z, each as two durable processes (one
+    // active, one standby) with three replicas; gw owns nothing. The durable
+    // processes are killed (-9), paused past the failover time and resumed,
+    // and restarted at random, and NATS servers are killed too.
+    let routes_env = r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#;
+    let spawn = |node: &str| {
+        let mut cmd = clean_command();
+        cmd.env("KVMESH_ROUTES", routes_env)
+            .env("KVMESH_REQUEST_TIMEOUT_MS", "1500");
+        if node != "gw" {
+            cmd.env("KVMESH_DURABILITY", "jetstream")
+                .env("KVMESH_REPLICAS", "3")
+                .env("KVMESH_FAILOVER_AFTER_MS", "1000");
+        }
+        spawn_kvmesh_with(cmd, &["--node", node, "--nats-url", &urls])
+    };
+    let names = ["foo", "foo", "bar", "bar", "gw"];
+    let mut procs: Vec<Process> = names.iter().map(|n| spawn(n)).collect();
+    let addrs: Vec<Arc<Mutex<SocketAddr>>> =
+        procs.iter().map(|p| Arc::new(Mutex::new(p.addr))).collect();
+    let mut setup = LineClient::connect(procs[4].addr).await;
+    for b in BUCKETS {
+        setup.eventually(&format!("CREATE {b}"), "OK\r\n").await;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Counts {
+        answers: Arc::new(AtomicU64::new(0)),
+        errors: Arc::new(AtomicU64::new(0)),
+    };
+    let mut clients = Vec::new();
+    for id in 0..10u64 {
+        let rng = XorShift::stream(seed, id);
+        let addr = addrs[id as usize % names.len()].clone();
+        clients.push(tokio::spawn(client(
+            id,
+            rng,
+            addr,
+            stop.clone(),
+            counts.clone(),
+            true,
+        )));
+    }
+
+    let mut rng = XorShift::new(seed);
+    let (mut kills, mut pauses, mut nats_kills) = (0, 0, 0);
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(1000))).await;
+        let i = rng.below(4) as usize;
+        match rng.below(5) {
+            0 | 1 => {
+                eprintln!("failover chaos: kill -9 {} (process {i})", names[i]);
+                procs[i].kill();
+                tokio::time::sleep(Duration::from_millis(200 + rng.below(1500))).await;
+                procs[i] = spawn(names[i]);
+                *addrs[i].lock().expect("lock") = procs[i].addr;
+                kills += 1;
+            }
+            2 | 3 => {
+                let pause = 500 + rng.below(2500);
+                eprintln!(
+                    "failover chaos: SIGSTOP {} (process {i}) for {pause} ms",
+                    names[i]
+                );
+                signal_process(&procs[i], "-STOP");
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                signal_process(&procs[i], "-CONT");
+                pauses += 1;
+            }
+            _ => {
+                kill_a_nats_server(&mut cluster, &mut rng, "failover chaos").await;
+                nats_kills += 1;
+            }
+        }
+    }
+    cluster.wait_for_routes();
+    // Whole again: each durable node has exactly one active process.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let roles = active_processes(&cluster.servers[0].url()).await;
+        if roles == [("bar".to_string(), 1), ("foo".to_string(), 1)] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "active processes per node after the chaos: {roles:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut models = Vec::new();
+    for c in clients {
+        models.push(
+            within("client", c)
+                .await
+                .expect("a client found a wrong answer"),
+        );
+    }
+    let now: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
+    let checked = verify(&models, &now).await;
+    eprintln!(
+        "failover chaos: {kills} kills, {pauses} pauses, {nats_kills} NATS servers killed; {} answers ({} explicit errors), {checked} reads checked",
+        counts.answers.load(Ordering::Relaxed),
+        counts.errors.load(Ordering::Relaxed)
+    );
+    assert!(counts.answers.load(Ordering::Relaxed) > 100);
+}
+
+/// Sends a signal to a process.
+fn signal_process(process: &Process, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &process.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// How many processes of each durable node say they are active.
+async fn active_processes(url: &str) -> Vec<(String, usize)> {
+    let client = nats_client(url).await;
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client
+        .publish_with_reply("$SRV.INFO.kvmesh", inbox, "".into())
+        .await
+        .expect("ask");
+    let mut active: BTreeMap<String, usize> = BTreeMap::new();
+    while let Ok(Some(reply)) = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures_util::StreamExt::next(&mut replies),
+    )
+    .await
+    {
+        let info: serde_json::Value = serde_json::from_slice(&reply.payload).expect("json");
+        if info["metadata"]["role"] == "active" {
+            let node = info["metadata"]["node"].as_str().unwrap_or("?").to_owned();
+            *active.entry(node).or_default() += 1;
+        }
+    }
+    active.into_iter().collect()
+}
