@@ -594,3 +594,38 @@ impl Keeper {
         headers
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_jetstream_said_decides_the_answer() {
+        let ack: PublishAck =
+            serde_json::from_str(r#"{"stream":"KV_kvmesh_foo","seq":7}"#).expect("an ack");
+        assert!(matches!(Sent::of(Ok(ack)), Sent::Stored(7)));
+        let error = |kind| Sent::of(Err(PublishError::new(kind)));
+        // The fence refused it: another process took over.
+        assert!(matches!(
+            error(PublishErrorKind::WrongLastSequence),
+            Sent::Deposed
+        ));
+        // No answer: perhaps stored; memory can no longer be trusted.
+        assert!(matches!(
+            error(PublishErrorKind::TimedOut),
+            Sent::Unknown(_)
+        ));
+        assert!(matches!(
+            error(PublishErrorKind::BrokenPipe),
+            Sent::Unknown(_)
+        ));
+        assert!(error(PublishErrorKind::TimedOut).poisons());
+        // JetStream said no, or nobody answers for the stream: not stored.
+        assert!(matches!(
+            error(PublishErrorKind::StreamNotFound),
+            Sent::Refused(_)
+        ));
+        assert!(matches!(error(PublishErrorKind::Other), Sent::Refused(_)));
+        assert!(!error(PublishErrorKind::Other).poisons());
+    }
+}
