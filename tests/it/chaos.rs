@@ -18,13 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::harness::*;
+use crate::model::{self, Model, check_read, refused};
 use crate::nats::NatsCluster;
 
 const ROUTES: &[(&str, &str)] = &[("a-m", "foo"), ("n-z", "bar")];
 const BUCKETS: [&str; 2] = ["apple", "nut"];
-
-/// What a client knows of one of its keys: the values it may hold now.
-type Possible = BTreeSet<Option<String>>;
 
 /// The seed (`CHAOS_SEED`, printed for a replay) and the seconds of faults
 /// (`CHAOS_SECONDS`, 20 by default).
@@ -55,14 +53,6 @@ struct Counts {
     errors: Arc<AtomicU64>,
 }
 
-/// Whether an error line says the write certainly did not happen (it never
-/// reached its owner, or its store refused it).
-fn refused(line: &str) -> bool {
-    line == "ERROR mesh unavailable\r\n"
-        || line == "ERROR store unavailable\r\n"
-        || (line.starts_with("ERROR node ") && line.ends_with(" unavailable\r\n"))
-}
-
 /// One client: PUTs and GETs of its own keys (in both buckets) against the
 /// node at `addr` (which may move), checking every GET against a model of
 /// what it wrote; returns the model.
@@ -73,8 +63,8 @@ async fn client(
     stop: Arc<AtomicBool>,
     counts: Counts,
     pause_on_error: bool,
-) -> BTreeMap<(usize, u64), Possible> {
-    let mut model: BTreeMap<(usize, u64), Possible> = BTreeMap::new();
+) -> Model {
+    let mut model = Model::new();
     let mut conn = None;
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -118,14 +108,7 @@ async fn client(
                     counts.errors.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(lines) if lines.len() == 2 && lines[1] == "OK\r\n" => {
-                    let v = lines[0].trim_end_matches("\r\n");
-                    let got = (!v.is_empty()).then(|| v.to_owned());
-                    assert!(
-                        possible.contains(&got),
-                        "client {id}: GET {key} answered {got:?}, model {possible:?}"
-                    );
-                    // What was read is now the value.
-                    *possible = BTreeSet::from([got]);
+                    check_read(possible, &format!("client {id}: GET {key}"), &lines[0]);
                 }
                 Ok(lines) => panic!("client {id}: GET answered {lines:?}"),
                 Err(()) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -138,25 +121,10 @@ async fn client(
 
 /// Every key of every client's model, read through each of `addrs`, holds a
 /// value the model allows; returns how many reads were checked.
-async fn verify(models: &[BTreeMap<(usize, u64), Possible>], addrs: &[SocketAddr]) -> usize {
+async fn verify(models: &[Model], addrs: &[SocketAddr]) -> usize {
     let mut checked = 0;
-    for (id, model) in models.iter().enumerate() {
-        for ((b, k), possible) in model {
-            for addr in addrs {
-                let mut c = LineClient::connect(*addr).await;
-                let answer = c
-                    .read_after(&format!("GET {} c{id}k{k}", BUCKETS[*b]))
-                    .await;
-                let v = answer.trim_end_matches("\r\nOK\r\n");
-                let got = (!v.is_empty()).then(|| v.to_owned());
-                assert!(
-                    possible.contains(&got),
-                    "c{id}k{k} in {}: {got:?}, model {possible:?}",
-                    BUCKETS[*b]
-                );
-                checked += 1;
-            }
-        }
+    for addr in addrs {
+        checked += model::verify(models, &BUCKETS, *addr).await;
     }
     checked
 }
@@ -300,14 +268,7 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
             .await
             .expect("a hostile client got a wrong answer");
     }
-    let mut models = Vec::new();
-    for c in clients {
-        models.push(
-            within("client", c)
-                .await
-                .expect("a client found a wrong answer"),
-        );
-    }
+    let models = model::finish(clients).await;
 
     // The mesh is whole again within a few seconds: every node reaches both owners.
     let gw_now = *gw_addr.lock().expect("lock");
@@ -334,6 +295,61 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     bar.shutdown().await;
 }
 
+/// A process of the durable chaos meshes (foo owns a-m, bar n-z): `gw` in
+/// memory, owning nothing; foo and bar durable with three replicas, taking
+/// over after one second of silence when they run as several processes.
+fn spawn_durable_mesh_process(urls: &str, node: &str) -> Process {
+    let mut cmd = clean_command();
+    cmd.env(
+        "KVMESH_ROUTES",
+        r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#,
+    )
+    .env("KVMESH_REQUEST_TIMEOUT_MS", "1500");
+    if node != "gw" {
+        cmd.env("KVMESH_DURABILITY", "jetstream")
+            .env("KVMESH_REPLICAS", "3")
+            .env("KVMESH_FAILOVER_AFTER_MS", "1000");
+    }
+    spawn_kvmesh_with(cmd, &["--node", node, "--nats-url", urls])
+}
+
+/// Starts a process for each of `names` (the last one `gw`) and creates the
+/// buckets through it; the processes and their addresses.
+async fn start_durable_mesh(
+    urls: &str,
+    names: &[&str],
+) -> (Vec<Process>, Vec<Arc<Mutex<SocketAddr>>>) {
+    let procs: Vec<Process> = names
+        .iter()
+        .map(|n| spawn_durable_mesh_process(urls, n))
+        .collect();
+    let addrs = procs.iter().map(|p| Arc::new(Mutex::new(p.addr))).collect();
+    let gw = procs.last().expect("gw").addr;
+    let mut setup = LineClient::connect(gw).await;
+    for b in BUCKETS {
+        setup.eventually(&format!("CREATE {b}"), "OK\r\n").await;
+    }
+    (procs, addrs)
+}
+
+/// Starts `n` checked clients, client `id` on `addrs[id % addrs.len()]`,
+/// pausing briefly after an error.
+fn start_clients(
+    seed: u64,
+    addrs: &[Arc<Mutex<SocketAddr>>],
+    n: u64,
+    stop: &Arc<AtomicBool>,
+    counts: &Counts,
+) -> Vec<tokio::task::JoinHandle<Model>> {
+    (0..n)
+        .map(|id| {
+            let rng = XorShift::stream(seed, id);
+            let addr = addrs[id as usize % addrs.len()].clone();
+            tokio::spawn(client(id, rng, addr, stop.clone(), counts.clone(), true))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     let _heavy = heavy().await;
@@ -344,44 +360,15 @@ async fn a_durable_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     let urls = cluster.urls();
     // foo and bar own a-m and n-z, durable with three replicas; gw owns
     // nothing. All three are processes, killed (-9) and restarted at random.
-    let routes_env = r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#;
-    let spawn = |node: &str| {
-        let mut cmd = clean_command();
-        cmd.env("KVMESH_ROUTES", routes_env)
-            .env("KVMESH_REQUEST_TIMEOUT_MS", "1500");
-        if node != "gw" {
-            cmd.env("KVMESH_DURABILITY", "jetstream")
-                .env("KVMESH_REPLICAS", "3");
-        }
-        spawn_kvmesh_with(cmd, &["--node", node, "--nats-url", &urls])
-    };
+    let spawn = |node: &str| spawn_durable_mesh_process(&urls, node);
     let names = ["foo", "bar", "gw"];
-    let mut procs: Vec<Process> = names.iter().map(|n| spawn(n)).collect();
-    let addrs: Vec<Arc<Mutex<SocketAddr>>> =
-        procs.iter().map(|p| Arc::new(Mutex::new(p.addr))).collect();
-    let mut setup = LineClient::connect(procs[2].addr).await;
-    for b in BUCKETS {
-        setup.eventually(&format!("CREATE {b}"), "OK\r\n").await;
-    }
-
+    let (mut procs, addrs) = start_durable_mesh(&urls, &names).await;
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Counts {
         answers: Arc::new(AtomicU64::new(0)),
         errors: Arc::new(AtomicU64::new(0)),
     };
-    let mut clients = Vec::new();
-    for id in 0..9u64 {
-        let rng = XorShift::stream(seed, id);
-        let addr = addrs[id as usize % 3].clone();
-        clients.push(tokio::spawn(client(
-            id,
-            rng,
-            addr,
-            stop.clone(),
-            counts.clone(),
-            true,
-        )));
-    }
+    let clients = start_clients(seed, &addrs, 9, &stop, &counts);
 
     let mut rng = XorShift::new(seed);
     let mut faults = 0;
@@ -404,14 +391,7 @@ async fn a_durable_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     }
     cluster.wait_for_routes();
     stop.store(true, Ordering::Relaxed);
-    let mut models = Vec::new();
-    for c in clients {
-        models.push(
-            within("client", c)
-                .await
-                .expect("a client found a wrong answer"),
-        );
-    }
+    let models = model::finish(clients).await;
     // Kill both owners once more, with no load: everything acknowledged is
     // read back from JetStream, through every node.
     for i in 0..2 {
@@ -440,45 +420,15 @@ async fn durable_nodes_with_standbys_survive_chaos_without_split_brain() {
     // active, one standby) with three replicas; gw owns nothing. The durable
     // processes are killed (-9), paused past the failover time and resumed,
     // and restarted at random, and NATS servers are killed too.
-    let routes_env = r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#;
-    let spawn = |node: &str| {
-        let mut cmd = clean_command();
-        cmd.env("KVMESH_ROUTES", routes_env)
-            .env("KVMESH_REQUEST_TIMEOUT_MS", "1500");
-        if node != "gw" {
-            cmd.env("KVMESH_DURABILITY", "jetstream")
-                .env("KVMESH_REPLICAS", "3")
-                .env("KVMESH_FAILOVER_AFTER_MS", "1000");
-        }
-        spawn_kvmesh_with(cmd, &["--node", node, "--nats-url", &urls])
-    };
+    let spawn = |node: &str| spawn_durable_mesh_process(&urls, node);
     let names = ["foo", "foo", "bar", "bar", "gw"];
-    let mut procs: Vec<Process> = names.iter().map(|n| spawn(n)).collect();
-    let addrs: Vec<Arc<Mutex<SocketAddr>>> =
-        procs.iter().map(|p| Arc::new(Mutex::new(p.addr))).collect();
-    let mut setup = LineClient::connect(procs[4].addr).await;
-    for b in BUCKETS {
-        setup.eventually(&format!("CREATE {b}"), "OK\r\n").await;
-    }
-
+    let (mut procs, addrs) = start_durable_mesh(&urls, &names).await;
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Counts {
         answers: Arc::new(AtomicU64::new(0)),
         errors: Arc::new(AtomicU64::new(0)),
     };
-    let mut clients = Vec::new();
-    for id in 0..10u64 {
-        let rng = XorShift::stream(seed, id);
-        let addr = addrs[id as usize % names.len()].clone();
-        clients.push(tokio::spawn(client(
-            id,
-            rng,
-            addr,
-            stop.clone(),
-            counts.clone(),
-            true,
-        )));
-    }
+    let clients = start_clients(seed, &addrs, 10, &stop, &counts);
 
     let mut rng = XorShift::new(seed);
     let (mut kills, mut pauses, mut nats_kills) = (0, 0, 0);
@@ -501,9 +451,9 @@ async fn durable_nodes_with_standbys_survive_chaos_without_split_brain() {
                     "failover chaos: SIGSTOP {} (process {i}) for {pause} ms",
                     names[i]
                 );
-                signal_process(&procs[i], "-STOP");
+                procs[i].signal("-STOP");
                 tokio::time::sleep(Duration::from_millis(pause)).await;
-                signal_process(&procs[i], "-CONT");
+                procs[i].signal("-CONT");
                 pauses += 1;
             }
             _ => {
@@ -528,14 +478,7 @@ async fn durable_nodes_with_standbys_survive_chaos_without_split_brain() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut models = Vec::new();
-    for c in clients {
-        models.push(
-            within("client", c)
-                .await
-                .expect("a client found a wrong answer"),
-        );
-    }
+    let models = model::finish(clients).await;
     let now: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
     let checked = verify(&models, &now).await;
     eprintln!(
@@ -546,34 +489,12 @@ async fn durable_nodes_with_standbys_survive_chaos_without_split_brain() {
     assert!(counts.answers.load(Ordering::Relaxed) > 100);
 }
 
-/// Sends a signal to a process.
-fn signal_process(process: &Process, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &process.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
 /// How many processes of each durable node say they are active.
 async fn active_processes(url: &str) -> Vec<(String, usize)> {
-    let client = nats_client(url).await;
-    let inbox = client.new_inbox();
-    let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe");
-    client
-        .publish_with_reply("$SRV.INFO.kvmesh", inbox, "".into())
-        .await
-        .expect("ask");
     let mut active: BTreeMap<String, usize> = BTreeMap::new();
-    while let Ok(Some(reply)) = tokio::time::timeout(
-        Duration::from_millis(300),
-        futures_util::StreamExt::next(&mut replies),
-    )
-    .await
-    {
-        let info: serde_json::Value = serde_json::from_slice(&reply.payload).expect("json");
-        if info["metadata"]["role"] == "active" {
-            let node = info["metadata"]["node"].as_str().unwrap_or("?").to_owned();
+    for metadata in service_metadata(url).await {
+        if metadata["role"] == "active" {
+            let node = metadata["node"].as_str().unwrap_or("?").to_owned();
             *active.entry(node).or_default() += 1;
         }
     }

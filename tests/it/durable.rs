@@ -10,6 +10,7 @@ use std::time::Duration;
 use kvmesh::config::Durability;
 
 use crate::harness::*;
+use crate::model::{self, refused};
 use crate::nats::{NatsCluster, NatsServer};
 
 const ROUTES_ENV: &str = r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#;
@@ -23,15 +24,8 @@ fn spawn_durable_foo(url: &str) -> Process {
     spawn_kvmesh_with(cmd, &["--node", "foo", "--nats-url", url])
 }
 
-/// Whether an error answer means the write certainly did not happen.
-fn refused(line: &str) -> bool {
-    [
-        "ERROR store unavailable\r\n",
-        "ERROR node foo unavailable\r\n",
-        "ERROR mesh unavailable\r\n",
-    ]
-    .contains(&line)
-}
+/// The buckets the model clients write.
+const BUCKETS: [&str; 2] = ["apple", "avocado"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_node_killed_under_load_keeps_every_acknowledged_write() {
@@ -61,71 +55,14 @@ async fn a_durable_node_killed_under_load_keeps_every_acknowledged_write() {
     let stop = Arc::new(AtomicBool::new(false));
     let seed = seed_from_env("DURABLE_SEED");
     eprintln!("durable: DURABLE_SEED={seed}");
-    let mut clients = Vec::new();
-    for id in 0..6u64 {
-        let (stop, foo_addr) = (stop.clone(), foo_addr.clone());
-        let bar_addr = bar.local_addr();
-        let mut rng = XorShift::stream(seed, id);
-        clients.push(tokio::spawn(async move {
-            let mut model: BTreeMap<(usize, u64), BTreeSet<Option<String>>> = BTreeMap::new();
-            let mut conn = None;
-            let mut acked = 0u64;
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let addr = if id % 2 == 0 {
-                    *foo_addr.lock().expect("lock")
-                } else {
-                    bar_addr
-                };
-                let b = rng.below(2) as usize;
-                let bucket = ["apple", "avocado"][b];
-                let k = rng.below(10);
-                let possible = model
-                    .entry((b, k))
-                    .or_insert_with(|| BTreeSet::from([None]));
-                n += 1;
-                let (line, value) = match rng.below(6) {
-                    0 => (format!("DELETE {bucket} c{id}k{k}"), None),
-                    1 => (format!("GET {bucket} c{id}k{k}"), None),
-                    _ => {
-                        let v = format!("v{id}-{n}");
-                        (format!("PUT {bucket} c{id}k{k} {v}"), Some(v))
-                    }
-                };
-                let answer = ask(&mut conn, addr, &line).await.ok();
-                if line.starts_with("GET") {
-                    if let Some(lines) = answer
-                        && lines.len() == 2
-                    {
-                        let v = lines[0].trim_end_matches("\r\n");
-                        let got = (!v.is_empty()).then(|| v.to_owned());
-                        assert!(
-                            possible.contains(&got),
-                            "client {id}: {line} answered {got:?}, model {possible:?}"
-                        );
-                        *possible = BTreeSet::from([got]);
-                    }
-                    continue;
-                }
-                match answer {
-                    Some(lines) if lines == ["OK\r\n"] => {
-                        *possible = BTreeSet::from([value]);
-                        acked += 1;
-                    }
-                    Some(lines) if lines.len() == 1 && refused(&lines[0]) => {}
-                    Some(lines) if lines.len() == 1 && lines[0].starts_with("ERROR ") => {
-                        possible.insert(value);
-                    }
-                    Some(lines) => panic!("client {id}: {line} answered {lines:?}"),
-                    None => {
-                        possible.insert(value);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-            (model, acked)
-        }));
-    }
+    let bar_addr = Arc::new(Mutex::new(bar.local_addr()));
+    let clients: Vec<_> = (0..6u64)
+        .map(|id| {
+            let addr = if id % 2 == 0 { &foo_addr } else { &bar_addr };
+            let (addr, stop) = (addr.clone(), stop.clone());
+            tokio::spawn(model::client(id, seed, &BUCKETS, 10, addr, stop))
+        })
+        .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     eprintln!("durable: kill -9 foo");
     foo.kill();
@@ -134,37 +71,17 @@ async fn a_durable_node_killed_under_load_keeps_every_acknowledged_write() {
     *foo_addr.lock().expect("lock") = foo.addr;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut models = Vec::new();
-    let mut acked = 0;
-    for c in clients {
-        let (model, a) = within("client", c)
-            .await
-            .expect("a client found a wrong answer");
-        models.push(model);
-        acked += a;
-    }
+    let (models, acked): (Vec<model::Model>, Vec<u64>) =
+        model::finish(clients).await.into_iter().unzip();
+    let acked: u64 = acked.iter().sum();
     assert!(acked > 100, "{acked} writes acknowledged");
 
     // Kill once more, with no load: everything is read back from the store.
     foo.kill();
     let foo = spawn_durable_foo(&url);
-    let mut c = LineClient::connect(foo.addr).await;
-    let mut checked = 0;
-    for (id, model) in models.iter().enumerate() {
-        for ((b, k), possible) in model {
-            let bucket = ["apple", "avocado"][*b];
-            c.send(format!("GET {bucket} c{id}k{k}\r\n")).await;
-            let answer = c.read_answer().await;
-            let v = answer.trim_end_matches("\r\nOK\r\n");
-            let got = (!v.is_empty()).then(|| v.to_owned());
-            assert!(
-                possible.contains(&got),
-                "c{id}k{k} in {bucket}: {got:?}, model {possible:?}"
-            );
-            checked += 1;
-        }
-    }
+    let checked = model::verify(&models, &BUCKETS, foo.addr).await;
     eprintln!("durable: {acked} writes acknowledged, {checked} keys checked after kill -9");
+    let mut c = LineClient::connect(foo.addr).await;
     c.exchange("GET dropme k1", "NOT FOUND\r\n").await;
     c.exchange("CREATE dropme", "OK\r\n").await;
     c.exchange("GET dropme k1", "\r\nOK\r\n").await;
@@ -301,10 +218,7 @@ async fn with_three_replicas_a_nats_server_killed_under_load_loses_nothing() {
     cluster.servers[1].restart();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut results = Vec::new();
-    for c in clients {
-        results.push(within("client", c).await.expect("client"));
-    }
+    let results = model::finish(clients).await;
     let acked: u64 = results.iter().map(|r| r.1).sum();
     let refused_count: u64 = results.iter().map(|r| r.2).sum();
     assert!(acked > 100, "{acked} writes acknowledged");

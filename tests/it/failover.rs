@@ -4,13 +4,13 @@
 //! acknowledges a write as the owner again. Every test checks what clients
 //! were told against what the store holds afterwards.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
+use crate::model::{self, refused};
 use crate::nats::{NatsCluster, NatsServer};
 
 const ROUTES_ENV: &str = r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#;
@@ -33,56 +33,24 @@ fn spawn_foo_with(url: &str, failover_ms: u64, replicas: u32) -> Process {
 
 /// Node bar (memory, owns n-z), in this process.
 async fn start_bar(url: &str) -> kvmesh::Node {
+    start_bar_with_timeout(url, 2000).await
+}
+
+/// [`start_bar`], giving up on foo's answers after `timeout_ms`.
+async fn start_bar_with_timeout(url: &str, timeout_ms: u64) -> kvmesh::Node {
     let mut config = mesh_config("bar", FOO_BAR, url);
-    config.request_timeout_ms = 2000;
+    config.request_timeout_ms = timeout_ms;
     start_node(config).await
-}
-
-/// Sends a signal to a process.
-fn signal(process: &Process, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &process.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
-/// Whether an error answer means the write certainly did not happen.
-fn refused(line: &str) -> bool {
-    [
-        "ERROR store unavailable\r\n",
-        "ERROR node foo unavailable\r\n",
-        "ERROR mesh unavailable\r\n",
-    ]
-    .contains(&line)
 }
 
 /// The roles the service API shows for node foo's processes.
 async fn roles(url: &str) -> Vec<String> {
-    let client = nats_client(url).await;
-    let inbox = client.new_inbox();
-    let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe");
-    client
-        .publish_with_reply("$SRV.INFO.kvmesh", inbox, "".into())
+    let mut roles: Vec<String> = service_metadata(url)
         .await
-        .expect("ask");
-    let mut roles = Vec::new();
-    while let Ok(Some(reply)) = tokio::time::timeout(
-        Duration::from_millis(300),
-        futures_util::StreamExt::next(&mut replies),
-    )
-    .await
-    {
-        let info: serde_json::Value = serde_json::from_slice(&reply.payload).expect("json");
-        if info["metadata"]["node"] == "foo" {
-            roles.push(
-                info["metadata"]["role"]
-                    .as_str()
-                    .unwrap_or("none")
-                    .to_owned(),
-            );
-        }
-    }
+        .into_iter()
+        .filter(|m| m["node"] == "foo")
+        .map(|m| m["role"].as_str().unwrap_or("none").to_owned())
+        .collect();
     roles.sort();
     roles
 }
@@ -114,84 +82,6 @@ async fn until_a_write_lands(
     }
 }
 
-/// A client writing, deleting and reading its own keys of `apple` through
-/// whichever address `addr` holds, checking each read against a model of
-/// what it was told; returns the model.
-async fn client(
-    id: u64,
-    addr: Arc<Mutex<SocketAddr>>,
-    stop: Arc<AtomicBool>,
-) -> BTreeMap<u64, BTreeSet<Option<String>>> {
-    let mut model: BTreeMap<u64, BTreeSet<Option<String>>> = BTreeMap::new();
-    let mut rng = XorShift::stream(seed_from_env("FAILOVER_SEED"), id);
-    let mut conn = None;
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let target = *addr.lock().expect("lock");
-        let k = rng.below(8);
-        let possible = model.entry(k).or_insert_with(|| BTreeSet::from([None]));
-        n += 1;
-        let (line, value) = match rng.below(5) {
-            0 => (format!("DELETE apple c{id}k{k}"), None),
-            1 | 2 => (format!("GET apple c{id}k{k}"), None),
-            _ => {
-                let v = format!("v{id}-{n}");
-                (format!("PUT apple c{id}k{k} {v}"), Some(v))
-            }
-        };
-        let answer = ask(&mut conn, target, &line).await.ok();
-        if line.starts_with("GET") {
-            if let Some(lines) = answer
-                && lines.len() == 2
-            {
-                let v = lines[0].trim_end_matches("\r\n");
-                let got = (!v.is_empty()).then(|| v.to_owned());
-                assert!(
-                    possible.contains(&got),
-                    "client {id}: {line} answered {got:?}, model {possible:?}"
-                );
-                *possible = BTreeSet::from([got]);
-            }
-            continue;
-        }
-        match answer {
-            Some(lines) if lines == ["OK\r\n"] => *possible = BTreeSet::from([value]),
-            Some(lines) if lines.len() == 1 && refused(&lines[0]) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Some(lines) if lines.len() == 1 && lines[0].starts_with("ERROR ") => {
-                possible.insert(value);
-            }
-            Some(lines) => panic!("client {id}: {line} answered {lines:?}"),
-            None => {
-                possible.insert(value);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-    model
-}
-
-/// Every key of every model, read through `addr`, holds a value its model
-/// allows.
-async fn verify(models: &[BTreeMap<u64, BTreeSet<Option<String>>>], addr: SocketAddr) -> usize {
-    let mut c = LineClient::connect(addr).await;
-    let mut checked = 0;
-    for (id, model) in models.iter().enumerate() {
-        for (k, possible) in model {
-            let answer = c.read_after(&format!("GET apple c{id}k{k}")).await;
-            let v = answer.trim_end_matches("\r\nOK\r\n");
-            let got = (!v.is_empty()).then(|| v.to_owned());
-            assert!(
-                possible.contains(&got),
-                "c{id}k{k}: {got:?}, model {possible:?}"
-            );
-            checked += 1;
-        }
-    }
-    checked
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_when_the_active_process_is_killed() {
     let _heavy = heavy().await;
@@ -216,6 +106,8 @@ async fn a_standby_takes_over_when_the_active_process_is_killed() {
     let via_bar = Arc::new(Mutex::new(bar.local_addr()));
     let direct = Arc::new(Mutex::new(procs[1].addr));
     let stop = Arc::new(AtomicBool::new(false));
+    let seed = seed_from_env("FAILOVER_SEED");
+    eprintln!("failover: FAILOVER_SEED={seed}");
     let clients: Vec<_> = (0..4u64)
         .map(|id| {
             let addr = if id % 2 == 0 {
@@ -223,7 +115,7 @@ async fn a_standby_takes_over_when_the_active_process_is_killed() {
             } else {
                 direct.clone()
             };
-            tokio::spawn(client(id, addr, stop.clone()))
+            tokio::spawn(model::client(id, seed, &["apple"], 8, addr, stop.clone()))
         })
         .collect();
     let mut active = 0;
@@ -247,14 +139,11 @@ async fn a_standby_takes_over_when_the_active_process_is_killed() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut models = Vec::new();
-    for c in clients {
-        models.push(
-            within("client", c)
-                .await
-                .expect("a client found a wrong answer"),
-        );
-    }
+    let models: Vec<model::Model> = model::finish(clients)
+        .await
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
     takeovers.sort();
     eprintln!(
         "failover: {} kills, takeover median {} ms, worst {} ms",
@@ -262,13 +151,13 @@ async fn a_standby_takes_over_when_the_active_process_is_killed() {
         takeovers[takeovers.len() / 2].as_millis(),
         takeovers[takeovers.len() - 1].as_millis()
     );
-    let checked = verify(&models, bar.local_addr()).await;
+    let checked = model::verify(&models, &["apple"], bar.local_addr()).await;
     // And once more from the store alone: both processes killed, one back.
     for p in &mut procs {
         p.kill();
     }
     let alone = spawn_foo(&url, 1000);
-    let again = verify(&models, alone.addr).await;
+    let again = model::verify(&models, &["apple"], alone.addr).await;
     eprintln!("failover: {checked} + {again} keys checked");
     bar.shutdown().await;
 }
@@ -283,26 +172,28 @@ async fn a_paused_active_process_comes_back_as_a_standby_and_acknowledges_nothin
     let old = spawn_foo(&url, 1000);
     let new = spawn_foo(&url, 1000);
     new.wait_for_log("standby", 1);
-    let bar = start_bar(&url).await;
+    // NATS goes on handing a share of foo's requests to the paused process
+    // (it is still subscribed): through bar, those time out quickly.
+    let bar = start_bar_with_timeout(&url, 300).await;
     let mut c = LineClient::connect(bar.local_addr()).await;
     c.eventually("CREATE apple", "OK\r\n").await;
     c.exchange("PUT apple shared old", "OK\r\n").await;
     let mut direct = LineClient::connect(old.addr).await;
     direct.exchange("GET apple shared", "old\r\nOK\r\n").await;
 
-    signal(&old, "-STOP");
+    old.signal("-STOP");
     // NATS still hands some requests for foo to the paused process (it is
     // still subscribed); those time out, the others reach the new one.
     until_a_write_lands(bar.local_addr(), "probe", Duration::from_secs(10), &new).await;
     new.wait_for_log("the active process was silent", 1);
-    c.exchange("PUT apple shared new", "OK\r\n").await;
+    c.eventually("PUT apple shared new", "OK\r\n").await;
     // Requests that reach the old process while it is paused, answered
     // once it runs again.
     let writes: String = (0..20)
         .map(|i| format!("PUT apple paused{i} p{i}\r\n"))
         .collect();
     direct.send(format!("{writes}GET apple shared\r\n")).await;
-    signal(&old, "-CONT");
+    old.signal("-CONT");
     let mut acknowledged = Vec::new();
     for i in 0..20 {
         let answer = direct.read_line().await;

@@ -293,6 +293,15 @@ impl Process {
         }
     }
 
+    /// Sends a signal (`-STOP`, `-CONT`, ...) without waiting for anything.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig}");
+    }
+
     /// SIGKILL: the process dies without any goodbye.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -459,4 +468,27 @@ pub async fn ask(
             Err(())
         }
     }
+}
+
+/// The metadata of every `kvmesh` instance in the service API, asked through
+/// the NATS server at `url` (`$SRV.INFO.kvmesh`).
+pub async fn service_metadata(url: &str) -> Vec<serde_json::Value> {
+    let client = nats_client(url).await;
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client
+        .publish_with_reply("$SRV.INFO.kvmesh", inbox, "".into())
+        .await
+        .expect("ask");
+    let mut found = Vec::new();
+    while let Ok(Some(reply)) = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures_util::StreamExt::next(&mut replies),
+    )
+    .await
+    {
+        let info: serde_json::Value = serde_json::from_slice(&reply.payload).expect("json");
+        found.push(info["metadata"].clone());
+    }
+    found
 }

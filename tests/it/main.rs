@@ -2,6 +2,7 @@
 
 mod harness;
 mod hostile;
+mod model;
 mod nats;
 
 mod batching;
