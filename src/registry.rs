@@ -24,6 +24,7 @@ use std::sync::{Arc, OnceLock};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 use parking_lot::RwLock;
+use thin_slice::ThinBoxedSlice;
 
 use crate::command::{Command, Reply};
 use crate::error::KvError;
@@ -31,8 +32,9 @@ use crate::error::KvError;
 /// Shards per bucket: a power of two.
 pub const SHARDS: usize = 16;
 
-/// One stored pair, `key ␠ value`, in a single allocation.
-struct Entry(Box<[u8]>);
+/// One stored pair, `key ␠ value`, in a single allocation, behind a one-word
+/// pointer (the length rides in its unused top bits).
+struct Entry(ThinBoxedSlice<u8>);
 
 impl Entry {
     fn new(key: &str, value: &str) -> Self {
@@ -40,7 +42,7 @@ impl Entry {
         bytes.extend_from_slice(key.as_bytes());
         bytes.push(b' ');
         bytes.extend_from_slice(value.as_bytes());
-        Entry(bytes.into_boxed_slice())
+        Entry(ThinBoxedSlice::from(bytes.into_boxed_slice()))
     }
 
     /// The key: everything before the first space.
