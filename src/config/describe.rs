@@ -65,9 +65,9 @@ fn role(config: &Config) -> String {
              with this name is refused at start)\n"
         ),
         super::Durability::Jetstream => format!(
-            "# role: active if no other process of node {node} is active when it \
-             starts, else a standby that takes over after {} ms of silence from \
-             the active one, or at once when it stops cleanly\n",
+            "# role: active at once if node {node}'s store names no active process \
+             (new, or handed over), else a standby that takes over after {} ms of \
+             silence from the active one, or at once when it stops cleanly\n",
             config.failover_after_ms
         ),
     }

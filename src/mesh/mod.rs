@@ -43,7 +43,6 @@ use crate::error::KvError;
 
 pub use connect::Security;
 pub use forward::{Answers, MAX_BATCH};
-pub use names::active_elsewhere;
 pub use serve::{Listing, Serving};
 
 /// The NATS service name every node registers under.

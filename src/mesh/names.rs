@@ -23,8 +23,6 @@ pub(super) struct Instance {
     pub(super) started: u64,
     /// Its service id, to tell instances apart.
     pub(super) id: String,
-    /// `active` or `standby` for a durable node's process.
-    pub(super) role: Option<String>,
 }
 
 /// The instances of the `kvmesh` service that carry `node` in their metadata,
@@ -64,17 +62,6 @@ pub(super) async fn instances_named(client: &Client, node: &str) -> Vec<Instance
     found
 }
 
-/// The other processes of `node` that say they are active (durable nodes,
-/// asked through the service API), leaving out `me`.
-pub async fn active_elsewhere(client: &Client, node: &str, me: &str) -> Vec<String> {
-    instances_named(client, node)
-        .await
-        .into_iter()
-        .filter(|i| i.id != me && i.role.as_deref() == Some("active"))
-        .map(|i| i.id)
-        .collect()
-}
-
 /// The instance an INFO reply describes, if it serves `node`.
 fn instance_of(reply: &Message, node: &str) -> Option<Instance> {
     let info: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
@@ -89,10 +76,6 @@ fn instance_of(reply: &Message, node: &str) -> Option<Instance> {
             .and_then(|s| s.as_str())
             .and_then(|s| s.parse().ok())
             .unwrap_or(0),
-        role: metadata
-            .get("role")
-            .and_then(|r| r.as_str())
-            .map(str::to_owned),
     })
 }
 

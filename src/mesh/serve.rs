@@ -48,7 +48,6 @@ impl Mesh {
             me: Instance {
                 id: registration.id().to_owned(),
                 started,
-                role: None,
             },
             registration,
             listed,

@@ -17,9 +17,10 @@
 //!
 //! Timing only decides *when* to try. The active process writes the `alive`
 //! key at least every `failover_after / 4` (a heartbeat, when there is
-//! nothing else to write); a standby tries to take over once it has seen
-//! nothing for `failover_after`, or at once when the active one released the
-//! store on a clean stop. The active process answers reads from memory for
+//! nothing else to write); a standby (and a process that has just started,
+//! or has just stepped down) tries to take over once it has seen nothing for
+//! `failover_after`, or at once when the active one released the store on a
+//! clean stop (or the store is new). The active process answers reads from memory for
 //! `failover_after / 2` after it sent a write that was stored: no standby
 //! can have taken over before then. After that, a read waits for the next
 //! write (a heartbeat if need be), which proves the process is still the
@@ -198,14 +199,19 @@ impl Keeper {
         }
     }
 
-    /// After a load: take over at once when no other process of the node
-    /// says it is active; follow otherwise.
+    /// After a load: take over at once when the store names no active
+    /// process (it is new, or was handed over on a clean stop); otherwise
+    /// follow, and take over only after `failover_after` of silence, like
+    /// any standby. Never sooner: the active process may be answering reads
+    /// from memory under its lease (a paused process, or one slow to answer,
+    /// is not a dead one).
     async fn decide(&mut self, loaded: Loaded) -> Phase {
-        let others =
-            crate::mesh::active_elsewhere(&self.client, &self.options.node, &self.options.process)
-                .await;
-        if let Some(other) = others.first() {
-            let why = format!("process {other} is active");
+        if !loaded.holder.is_empty() {
+            let why = format!(
+                "the store names an active process ({}); this one takes over only after {} ms of silence",
+                loaded.holder,
+                self.options.failover_after.as_millis()
+            );
             return Phase::Standby {
                 loaded: Box::new(loaded),
                 why,
@@ -213,7 +219,7 @@ impl Keeper {
         }
         match self.take_over(loaded.seen).await {
             Sent::Stored(_) => Phase::Active {
-                why: "no other process of this node is active".into(),
+                why: "the store was free (new, or handed over)".into(),
             },
             _ => Phase::Standby {
                 loaded: Box::new(loaded),
