@@ -200,13 +200,19 @@ impl Keeper {
     }
 
     /// After a load: take over at once when the store names no active
-    /// process (it is new, or was handed over on a clean stop); otherwise
+    /// process (it is new, or was handed over on a clean stop) or names this
+    /// one; otherwise
     /// follow, and take over only after `failover_after` of silence, like
     /// any standby. Never sooner: the active process may be answering reads
     /// from memory under its lease (a paused process, or one slow to answer,
     /// is not a dead one).
     async fn decide(&mut self, loaded: Loaded) -> Phase {
-        if !loaded.holder.is_empty() {
+        // This very process, stepping down after a write whose outcome it
+        // could not learn: nobody else has taken over since (the key would
+        // name them), and it answers nothing from memory meanwhile.
+        let mine = serde_json::from_str::<serde_json::Value>(&loaded.holder)
+            .is_ok_and(|h| h["process"] == self.options.process.as_str());
+        if !loaded.holder.is_empty() && !mine {
             let why = format!(
                 "the store names an active process ({}); this one takes over only after {} ms of silence",
                 loaded.holder,
@@ -218,6 +224,9 @@ impl Keeper {
             };
         }
         match self.take_over(loaded.seen).await {
+            Sent::Stored(_) if mine => Phase::Active {
+                why: "no other process took over while this one reloaded the store".into(),
+            },
             Sent::Stored(_) => Phase::Active {
                 why: "the store was free (new, or handed over)".into(),
             },

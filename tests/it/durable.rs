@@ -244,3 +244,31 @@ async fn with_three_replicas_a_nats_server_killed_under_load_loses_nothing() {
     );
     foo.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_outcome_is_unknown_makes_the_node_reload_and_go_on() {
+    let Some(nats) = NatsServer::start_jetstream() else {
+        return;
+    };
+    // A minute of failover time: only the node's own quick retake (nobody
+    // else can have taken over its store) lets writes work again soon.
+    let mut config = mesh_config("foo", FOO_BAR, &nats.url());
+    config.durability = Durability::Jetstream;
+    config.request_timeout_ms = 1000;
+    config.failover_after_ms = 60_000;
+    let foo = start_node(config).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("CREATE apple", "OK\r\n").await;
+    c.exchange("PUT apple k before", "OK\r\n").await;
+    // JetStream hangs with a write on its way: no acknowledgement comes.
+    nats.signal("-STOP");
+    c.exchange("PUT apple k lost", "ERROR node foo outcome unknown\r\n")
+        .await;
+    nats.signal("-CONT");
+    // The node loads its store again (the write did land: JetStream had
+    // it) and goes on as the active process.
+    c.eventually("GET apple k", "lost\r\nOK\r\n").await;
+    c.eventually("PUT apple k after", "OK\r\n").await;
+    c.exchange("GET apple k", "after\r\nOK\r\n").await;
+    foo.shutdown().await;
+}

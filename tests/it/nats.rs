@@ -184,6 +184,16 @@ impl NatsServer {
         }
     }
 
+    /// Sends a signal (`-STOP`, `-CONT`) to the running server.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("a running server").id();
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig}");
+    }
+
     /// Starts the server again on the same ports.
     pub fn restart(&mut self) {
         self.kill();
