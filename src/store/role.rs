@@ -252,7 +252,7 @@ impl Keeper {
             .publish_with_headers(subject, headers, self.holder().into())
             .await
         {
-            Ok(ack) => Sent::of(ack.await),
+            Ok(ack) => Sent::of(ack.await, self.options.replicas > 1),
             Err(err) => Sent::Refused(err.to_string()),
         };
         if let Sent::Stored(sequence) = sent {

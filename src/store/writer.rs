@@ -91,13 +91,19 @@ pub(super) enum Sent {
 }
 
 impl Sent {
-    /// What JetStream's answer to a publish means.
-    pub fn of(result: Result<PublishAck, PublishError>) -> Sent {
+    /// What JetStream's answer to a publish means. On a replicated store
+    /// an error other than a failed expectation may come after the write
+    /// was proposed to the replicas (a leader that lost its place, say), and
+    /// the write may still be stored: its outcome is unknown.
+    pub fn of(result: Result<PublishAck, PublishError>, replicated: bool) -> Sent {
         match result {
             Ok(ack) => Sent::Stored(ack.sequence),
             Err(err) => match err.kind() {
                 PublishErrorKind::WrongLastSequence => Sent::Deposed,
                 PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+                    Sent::Unknown(err.to_string())
+                }
+                PublishErrorKind::Other if replicated && !is_refusal(&err) => {
                     Sent::Unknown(err.to_string())
                 }
                 _ => Sent::Refused(err.to_string()),
@@ -109,6 +115,18 @@ impl Sent {
     fn poisons(&self) -> bool {
         matches!(self, Sent::Deposed | Sent::Unknown(_))
     }
+}
+
+/// JetStream's error code when a replicated stream refuses a fenced
+/// message because another one is still being agreed on: checked before
+/// anything is proposed, so certainly not stored.
+const FENCE_IN_PROCESS: u64 = 10164;
+
+/// Whether a JetStream error is a refusal made before anything was proposed.
+fn is_refusal(err: &PublishError) -> bool {
+    std::error::Error::source(err)
+        .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|api| api.error_code().0 == FENCE_IN_PROCESS)
 }
 
 type Outcomes = Pin<Box<dyn Future<Output = Vec<Sent>> + Send>>;
@@ -566,7 +584,7 @@ impl Keeper {
             let mut outcomes = Vec::with_capacity(count);
             for ack in acks {
                 let sent = match ack {
-                    Some(ack) => Sent::of(ack.await),
+                    Some(ack) => Sent::of(ack.await, atomic),
                     None => Sent::Refused("not published".into()),
                 };
                 if atomic {
@@ -603,8 +621,8 @@ mod tests {
     fn what_jetstream_said_decides_the_answer() {
         let ack: PublishAck =
             serde_json::from_str(r#"{"stream":"KV_kvmesh_foo","seq":7}"#).expect("an ack");
-        assert!(matches!(Sent::of(Ok(ack)), Sent::Stored(7)));
-        let error = |kind| Sent::of(Err(PublishError::new(kind)));
+        assert!(matches!(Sent::of(Ok(ack), false), Sent::Stored(7)));
+        let error = |kind| Sent::of(Err(PublishError::new(kind)), false);
         // The fence refused it: another process took over.
         assert!(matches!(
             error(PublishErrorKind::WrongLastSequence),
@@ -627,5 +645,20 @@ mod tests {
         ));
         assert!(matches!(error(PublishErrorKind::Other), Sent::Refused(_)));
         assert!(!error(PublishErrorKind::Other).poisons());
+        // On a replicated store, JetStream's other errors may come after the
+        // write was proposed: unknown.
+        let replicated = |kind| Sent::of(Err(PublishError::new(kind)), true);
+        assert!(matches!(
+            replicated(PublishErrorKind::Other),
+            Sent::Unknown(_)
+        ));
+        assert!(matches!(
+            replicated(PublishErrorKind::WrongLastSequence),
+            Sent::Deposed
+        ));
+        assert!(matches!(
+            replicated(PublishErrorKind::StreamNotFound),
+            Sent::Refused(_)
+        ));
     }
 }
