@@ -87,10 +87,14 @@ impl Shared {
         self.base.elapsed().as_millis() as u64
     }
 
+    /// Whether the NATS client is connected right now.
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     /// Whether this process may answer reads from memory as the owner.
     fn lease_holds(&self) -> bool {
-        self.now_ms() < self.lease_until.load(Ordering::Acquire)
-            || self.client.connection_state() != async_nats::connection::State::Connected
+        self.now_ms() < self.lease_until.load(Ordering::Acquire) || !self.connected()
     }
 }
 

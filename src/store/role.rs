@@ -91,8 +91,9 @@ pub(super) struct Keeper {
     pub last_generation: u64,
     /// Batches sent, for their ids.
     pub batches: u64,
-    /// The stream sequence of this process's takeover (the fence).
-    pub lease_sequence: u64,
+    /// The fence every write carries (see `writer.rs`): made once per
+    /// takeover, not once per write.
+    pub fence: async_nats::HeaderMap,
 }
 
 impl Keeper {
@@ -116,7 +117,7 @@ impl Keeper {
             shared,
             last_generation: 0,
             batches: 0,
-            lease_sequence: 0,
+            fence: async_nats::HeaderMap::new(),
         }
     }
 
@@ -240,7 +241,7 @@ impl Keeper {
     /// Writes the `active` key naming this process, if `seen` is still the
     /// last change in the store.
     async fn take_over(&mut self, seen: u64) -> Sent {
-        if self.client.connection_state() != async_nats::connection::State::Connected {
+        if !self.shared.connected() {
             return Sent::Refused("not connected to NATS".into());
         }
         let sent_at = self.shared.now_ms();
@@ -252,14 +253,20 @@ impl Keeper {
             .publish_with_headers(subject, headers, self.holder().into())
             .await
         {
-            Ok(ack) => Sent::of(ack.await, self.options.replicas > 1),
+            Ok(ack) => Sent::of(ack.await, self.replicated()),
             Err(err) => Sent::Refused(err.to_string()),
         };
         if let Sent::Stored(sequence) = sent {
-            self.lease_sequence = sequence;
+            self.fence = self.fence_at(sequence);
             self.renew_lease(sent_at);
         }
         sent
+    }
+
+    /// Whether the store has several replicas (its writes go in atomic
+    /// batches, and a JetStream error may follow a proposal).
+    pub fn replicated(&self) -> bool {
+        self.options.replicas > 1
     }
 
     /// This process, as the `active` and `alive` keys name it.

@@ -23,7 +23,6 @@ use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
-use async_nats::connection::State;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
@@ -264,7 +263,7 @@ impl Keeper {
     /// The active process's loop: batches until it stops or steps down.
     pub(super) async fn write(&mut self, jobs: &mut mpsc::Receiver<Job>) -> Phase {
         let heartbeat = self.options.failover_after / 4;
-        let atomic = self.options.replicas > 1;
+        let atomic = self.replicated();
         let max_in_flight = if atomic { 1 } else { MAX_IN_FLIGHT };
         let mut pending = Pending::default();
         let mut release: Option<oneshot::Sender<()>> = None;
@@ -536,14 +535,14 @@ impl Keeper {
         };
         // While disconnected the client would hold the messages until they
         // time out: refuse at once instead.
-        if self.client.connection_state() != State::Connected {
+        if !self.shared.connected() {
             return refused("not connected to NATS".into());
         }
         self.batches += 1;
         let id = format!("{}-{}", self.options.process, self.batches);
         let mut acks = Vec::with_capacity(if atomic { 1 } else { count });
         for (i, message) in messages.into_iter().enumerate() {
-            let mut headers = self.fence();
+            let mut headers = self.fence.clone();
             if message.delete {
                 headers.insert("KV-Operation", "DEL");
             }
@@ -597,13 +596,14 @@ impl Keeper {
         })
     }
 
-    /// The fence every write carries: stored only while the `active` key
-    /// is still the one this process wrote when it took over.
-    fn fence(&self) -> HeaderMap {
+    /// The fence every write carries once this process has taken over at
+    /// stream sequence `takeover`: stored only while the `active` key is
+    /// still the one this process wrote then.
+    pub(super) fn fence_at(&self, takeover: u64) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(
             "Nats-Expected-Last-Subject-Sequence",
-            self.lease_sequence.to_string().as_str(),
+            takeover.to_string().as_str(),
         );
         headers.insert(
             "Nats-Expected-Last-Subject-Sequence-Subject",

@@ -31,6 +31,20 @@ fn spawn_foo_with(url: &str, failover_ms: u64, replicas: u32) -> Process {
     spawn_kvmesh_with(cmd, &["--node", "foo", "--nats-url", url])
 }
 
+/// Node foo as two processes: the first active, the second (on
+/// `standby_url`) a standby once this returns.
+fn active_and_standby(
+    url: &str,
+    standby_url: &str,
+    failover_ms: u64,
+    replicas: u32,
+) -> (Process, Process) {
+    let active = spawn_foo_with(url, failover_ms, replicas);
+    let standby = spawn_foo_with(standby_url, failover_ms, replicas);
+    standby.wait_for_log("standby", 1);
+    (active, standby)
+}
+
 /// Node bar (memory, owns n-z), in this process.
 async fn start_bar(url: &str) -> kvmesh::Node {
     start_bar_with_timeout(url, 2000).await
@@ -94,8 +108,8 @@ async fn a_standby_takes_over_when_the_active_process_is_killed() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let mut procs = [spawn_foo(&url, 1000), spawn_foo(&url, 1000)];
-    procs[1].wait_for_log("standby", 1);
+    let (active, standby) = active_and_standby(&url, &url, 1000, 1);
+    let mut procs = [active, standby];
     assert_eq!(roles(&url).await, ["active", "standby"]);
     let bar = start_bar(&url).await;
     let mut setup = LineClient::connect(bar.local_addr()).await;
@@ -169,9 +183,7 @@ async fn a_paused_active_process_comes_back_as_a_standby_and_acknowledges_nothin
         return;
     };
     let url = nats.url();
-    let old = spawn_foo(&url, 1000);
-    let new = spawn_foo(&url, 1000);
-    new.wait_for_log("standby", 1);
+    let (old, new) = active_and_standby(&url, &url, 1000, 1);
     // NATS goes on handing a share of foo's requests to the paused process
     // (it is still subscribed): through bar, those time out quickly.
     let bar = start_bar_with_timeout(&url, 300).await;
@@ -233,9 +245,7 @@ async fn a_process_cut_off_from_nats_is_replaced_and_comes_back_as_a_standby() {
         return;
     };
     let (a, b) = (cluster.servers[0].url(), cluster.servers[1].url());
-    let old = spawn_foo_with(&a, 1000, 3);
-    let new = spawn_foo_with(&b, 1000, 3);
-    new.wait_for_log("standby", 1);
+    let (old, new) = active_and_standby(&a, &b, 1000, 3);
     let bar = start_bar(&cluster.servers[2].url()).await;
     let mut c = LineClient::connect(bar.local_addr()).await;
     c.eventually("CREATE apple", "OK\r\n").await;
@@ -273,9 +283,7 @@ async fn sigterm_hands_the_node_over_at_once() {
     };
     let url = nats.url();
     // A standby would wait a minute for silence: only a hand-over is quick.
-    let mut old = spawn_foo(&url, 60_000);
-    let new = spawn_foo(&url, 60_000);
-    new.wait_for_log("standby", 1);
+    let (mut old, new) = active_and_standby(&url, &url, 60_000, 1);
     let bar = start_bar(&url).await;
     let mut c = LineClient::connect(bar.local_addr()).await;
     c.eventually("CREATE apple", "OK\r\n").await;
