@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::command::{Command, Reply, valid_node_name};
 use crate::error::KvError;
 
-use crate::mesh::{Coming, Handler, Mesh, Started};
+use crate::mesh::{Coming, Handler, Mesh, Started, Via};
 use crate::registry::Registry;
 use crate::store::Store;
 
@@ -298,17 +298,18 @@ impl Router {
         &self.registry
     }
 
-    /// Routes a command that has made `hops` hops: runs it here, or publishes
-    /// it to its owner (arriving there with `hops + 1`) without waiting for the
-    /// answer. Commands started one after the other take effect in that order.
-    pub async fn start(&self, command: Command, hops: u32) -> Started {
-        match self.target(&command, hops) {
+    /// Routes a command that came `via` some hops: runs it here, or
+    /// publishes it to its owner (arriving there with one hop more) without
+    /// waiting for the answer. Commands started one after the other take
+    /// effect in that order.
+    pub async fn start(&self, command: Command, via: Via) -> Started {
+        match self.target(&command, via.hops) {
             Ok(Target::Local) if self.must_wait_for_store(&command, |store| !store.is_idle()) => {
                 Started::Forwarded(self.store_submit(vec![command]).await)
             }
             Ok(Target::Local) => Started::Done(self.execute_local(command.borrowed())),
             Ok(Target::Remote(owner)) => {
-                Started::Forwarded(self.forward(owner, vec![command], hops).await)
+                Started::Forwarded(self.forward(owner, vec![command], via).await)
             }
             Err(err) => Started::Done(Err(err)),
         }
@@ -318,9 +319,9 @@ impl Router {
     /// `Mesh::forward`): commands forwarded one after the other take effect in
     /// that order. Returns once the commands are queued, with their answers
     /// to come, one per command.
-    pub async fn forward(&self, owner: &str, commands: Vec<Command>, hops: u32) -> Coming {
+    pub async fn forward(&self, owner: &str, commands: Vec<Command>, via: Via) -> Coming {
         match &self.mesh {
-            Some(mesh) => mesh.forward(owner, commands, hops + 1).await,
+            Some(mesh) => mesh.forward(owner, commands, via.next()).await,
             None => Coming::ready(vec![Err(KvError::mesh_unavailable()); commands.len()]),
         }
     }
@@ -330,9 +331,9 @@ impl Handler for Router {
     fn start(
         &self,
         command: Command,
-        hops: u32,
+        via: Via,
     ) -> impl std::future::Future<Output = Started> + Send {
-        Router::start(self, command, hops)
+        Router::start(self, command, via)
     }
 }
 
@@ -477,13 +478,13 @@ mod tests {
         let nut = Command::Where {
             bucket: "nut".into(),
         };
-        let started = r.start(nut, 0).await;
+        let started = r.start(nut, Via::default()).await;
         assert!(matches!(started, Started::Forwarded(_)));
         assert_eq!(result(started).await, Err(KvError::mesh_unavailable()));
         let apple = Command::Where {
             bucket: "apple".into(),
         };
-        let started = r.start(apple, 0).await;
+        let started = r.start(apple, Via::default()).await;
         assert_eq!(result(started).await, Ok(Reply::Node("foo".into())));
     }
 }

@@ -359,6 +359,29 @@ fn check_reply(command: &Command, reply: WireReply) -> Result<Result<Reply, KvEr
     }
 }
 
+/// When the node that forwarded a request stops waiting for its answer, in
+/// milliseconds since the Unix epoch. A node that receives a request past it
+/// does not run it: its sender has already told its client the request timed
+/// out, and a write that ran later could land after writes the client made
+/// since (and overwrite them).
+pub const DEADLINE_HEADER: &str = "KV-Deadline";
+
+/// The wall clock in milliseconds since the Unix epoch, as [`DEADLINE_HEADER`]
+/// counts.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Reads a [`DEADLINE_HEADER`] value.
+pub fn parse_deadline(value: &str) -> Result<u64, KvError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| KvError::bad_request(format!("bad {DEADLINE_HEADER} header {value:?}")))
+}
+
 /// Reads the hop count from the headers' values for [`HOPS_HEADER`] (matched
 /// without regard to case by the caller): absent is 0.
 pub fn parse_hops(value: Option<&str>) -> Result<u32, KvError> {

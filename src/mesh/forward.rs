@@ -17,10 +17,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 
-use super::{Coming, Delivery, Inner, Mesh, Waiter, node_subject};
+use super::{Coming, Delivery, Inner, Mesh, Via, Waiter, node_subject};
 use crate::command::{Command, Reply};
 use crate::error::KvError;
-use crate::wire::{self, BadReply, HOPS_HEADER};
+use crate::wire::{self, BadReply, DEADLINE_HEADER, HOPS_HEADER};
 
 /// The answers to a group of commands, in order.
 pub type Answers = Vec<Result<Reply, KvError>>;
@@ -28,7 +28,7 @@ pub type Answers = Vec<Result<Reply, KvError>>;
 /// Commands queued for one owner, with the place their answers go.
 pub(super) struct Job {
     commands: Vec<Command>,
-    hops: u32,
+    via: Via,
     answers: oneshot::Sender<Answers>,
 }
 
@@ -51,7 +51,7 @@ impl Mesh {
     /// many connections talking to one owner share round trips instead of each
     /// paying for its own; a lone command still leaves at once, as a plain
     /// request.
-    pub async fn forward(&self, owner: &str, commands: Vec<Command>, hops: u32) -> Coming {
+    pub async fn forward(&self, owner: &str, commands: Vec<Command>, via: Via) -> Coming {
         if !self.is_connected() {
             return Coming::ready(vec![Err(KvError::mesh_unavailable()); commands.len()]);
         }
@@ -71,7 +71,7 @@ impl Mesh {
         };
         let job = Job {
             commands,
-            hops,
+            via,
             answers,
         };
         if let Err(mpsc::error::SendError(job)) = queue.send(job).await {
@@ -84,8 +84,10 @@ impl Mesh {
 
     /// Publishes `commands` (with their encoded forms) to `owner` as one
     /// message, and returns the answers to wait for. Messages published one
-    /// after the other reach the owner in that order.
-    async fn send(&self, owner: &str, commands: Vec<(Command, Vec<u8>)>, hops: u32) -> InFlight {
+    /// after the other reach the owner in that order. The message says when
+    /// this node stops waiting (or the node before it, if sooner).
+    async fn send(&self, owner: &str, commands: Vec<(Command, Vec<u8>)>, via: Via) -> InFlight {
+        let hops = via.hops;
         let span = debug_span!("forward", node = owner, size = commands.len(), hops);
         let batch = commands.len() != 1;
         let (commands, parts): (Vec<Command>, Vec<Vec<u8>>) = commands.into_iter().unzip();
@@ -122,6 +124,9 @@ impl Mesh {
         );
         let mut headers = HeaderMap::new();
         headers.insert(HOPS_HEADER, hops.to_string().as_str());
+        let gives_up = wire::now_ms() + inner.timeout.as_millis() as u64;
+        let deadline = via.deadline.map_or(gives_up, |d| d.min(gives_up));
+        headers.insert(DEADLINE_HEADER, deadline.to_string().as_str());
         let published = inner
             .client
             .publish_with_reply_and_headers(
@@ -147,7 +152,7 @@ impl Mesh {
 }
 
 /// Drains one owner's queue: publishes what has gathered (in order, grouped by
-/// hop count, cut into messages that fit), and hands each job its answers
+/// how they came (hops, deadline), cut into messages that fit), and hands each job its answers
 /// without waiting for them before publishing more.
 async fn forward_loop(mesh: Mesh, owner: String, mut jobs: mpsc::Receiver<Job>) {
     let mut gathered: Vec<Job> = Vec::new();
@@ -170,9 +175,9 @@ async fn forward_loop(mesh: Mesh, owner: String, mut jobs: mpsc::Receiver<Job>) 
         let mut flights = Vec::new();
         let mut shares = Vec::with_capacity(gathered.len());
         while !gathered.is_empty() {
-            // One message holds jobs of one hop count, in queue order.
-            let hops = gathered[0].hops;
-            let same = gathered.iter().take_while(|j| j.hops == hops).count();
+            // One message holds jobs that came the same way, in queue order.
+            let via = gathered[0].via;
+            let same = gathered.iter().take_while(|j| j.via == via).count();
             let mut message: Vec<(Command, Vec<u8>)> = Vec::new();
             let mut bytes = 0;
             for job in gathered.drain(..same) {
@@ -183,7 +188,7 @@ async fn forward_loop(mesh: Mesh, owner: String, mut jobs: mpsc::Receiver<Job>) 
                         && (message.len() >= MAX_BATCH || bytes + part.len() + 1 > limit)
                     {
                         let full = std::mem::take(&mut message);
-                        flights.push(mesh.send(&owner, full, hops).await);
+                        flights.push(mesh.send(&owner, full, via).await);
                         bytes = 0;
                     }
                     bytes += part.len() + 1;
@@ -191,7 +196,7 @@ async fn forward_loop(mesh: Mesh, owner: String, mut jobs: mpsc::Receiver<Job>) 
                 }
             }
             if !message.is_empty() {
-                flights.push(mesh.send(&owner, message, hops).await);
+                flights.push(mesh.send(&owner, message, via).await);
             }
         }
         tokio::spawn(share_out(flights, shares));

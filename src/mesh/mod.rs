@@ -105,12 +105,32 @@ pub enum Started {
     Forwarded(Coming),
 }
 
+/// How a command reached this node: the hops it has made, and, when it came
+/// from another node, the time (Unix ms) that node stops waiting for its
+/// answer. Forwarded on, it keeps that deadline: no later hop runs it after
+/// the client was told it timed out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Via {
+    pub hops: u32,
+    pub deadline: Option<u64>,
+}
+
+impl Via {
+    /// The next hop: one more, the same deadline.
+    pub fn next(self) -> Via {
+        Via {
+            hops: self.hops + 1,
+            ..self
+        }
+    }
+}
+
 /// What runs a command that arrived over NATS (the router, in a node).
 pub trait Handler: Send + Sync + 'static {
-    /// Routes `command`, which has made `hops` hops so far: runs it here or
-    /// publishes it to its owner. Commands started one after the other take
-    /// effect in that order.
-    fn start(&self, command: Command, hops: u32) -> impl Future<Output = Started> + Send;
+    /// Routes `command`, which reached this node `via` some hops: runs it
+    /// here or publishes it to its owner. Commands started one after the
+    /// other take effect in that order.
+    fn start(&self, command: Command, via: Via) -> impl Future<Output = Started> + Send;
 }
 
 /// Why the mesh could not be joined.

@@ -20,10 +20,10 @@ use tracing::{debug, info};
 use super::names::{Instance, Tokens, instances_named, watch_for_duplicates};
 use super::reply::Reply;
 use super::service::{QUEUE_GROUP, Registration};
-use super::{Coming, Handler, LEFT, Mesh, MeshError, Started, confirm, node_subject};
+use super::{Coming, Handler, LEFT, Mesh, MeshError, Started, Via, confirm, node_subject};
 use crate::command::Limits;
 use crate::error::KvError;
-use crate::wire::{self, HOPS_HEADER, WireRequest};
+use crate::wire::{self, DEADLINE_HEADER, HOPS_HEADER, WireRequest};
 
 impl Mesh {
     /// Registers this process in the `kvmesh` service (`nats micro ls`).
@@ -300,14 +300,27 @@ impl<H: Handler> ServeLoop<H> {
             self.forwarders.note(&to);
         }
         let mut reply = Reply::new(&self.client, to, self.registration.clone());
-        let hops = match hops_header(message.headers.as_ref()) {
-            Ok(hops) => hops,
+        let via = match via_headers(message.headers.as_ref()) {
+            Ok(via) => via,
             Err(err) => return reply.single(wire::encode_reply(&Err(err))).await,
         };
+        if via
+            .deadline
+            .is_some_and(|deadline| wire::now_ms() > deadline)
+        {
+            // Its sender has given up on it and told its client so; run
+            // now, a write could overwrite what that client wrote since.
+            debug!(
+                deadline = via.deadline,
+                "dropped a request that came after its sender gave up"
+            );
+            let late = KvError::timed_out(self.registration.node());
+            return reply.single(wire::encode_reply(&Err(late))).await;
+        }
         let decoded = wire::decode_request(&message.payload, &self.limits);
         match decoded {
             Err(err) => reply.single(wire::encode_reply(&Err(err))).await,
-            Ok(WireRequest::Single(command)) => match self.handler.start(command, hops).await {
+            Ok(WireRequest::Single(command)) => match self.handler.start(command, via).await {
                 Started::Done(result) => reply.single(wire::encode_reply(&result)).await,
                 Started::Forwarded(answer) => {
                     self.tracker.spawn(async move {
@@ -322,7 +335,7 @@ impl<H: Handler> ServeLoop<H> {
                 let mut later: Vec<Part> = Vec::new();
                 for member in members {
                     let started = match member {
-                        Ok(command) => self.handler.start(command, hops).await,
+                        Ok(command) => self.handler.start(command, via).await,
                         Err(err) => Started::Done(Err(err)),
                     };
                     match started {
@@ -360,20 +373,28 @@ enum Part {
     Later(Coming),
 }
 
-/// The hop count from every `KV-Hops` header value (the name matched without
-/// regard to case): the largest, so that a request cannot shed hops by
-/// carrying two; absent is 0; any value that is not a count is refused.
-fn hops_header(headers: Option<&HeaderMap>) -> Result<u32, KvError> {
-    let mut hops = 0;
+/// How a request came, from its headers (names matched without regard to
+/// case): the hop count from every `KV-Hops` value, the largest, so that a
+/// request cannot shed hops by carrying two (absent is 0); the deadline from
+/// every `KV-Deadline` value, the soonest (absent is none). A value that is
+/// not a number is refused.
+fn via_headers(headers: Option<&HeaderMap>) -> Result<Via, KvError> {
+    let mut via = Via::default();
     let Some(headers) = headers else {
-        return Ok(0);
+        return Ok(via);
     };
     for (name, values) in headers.iter() {
-        if AsRef::<str>::as_ref(name).eq_ignore_ascii_case(HOPS_HEADER) {
+        let name: &str = name.as_ref();
+        if name.eq_ignore_ascii_case(HOPS_HEADER) {
             for value in values {
-                hops = hops.max(wire::parse_hops(Some(value.as_str()))?);
+                via.hops = via.hops.max(wire::parse_hops(Some(value.as_str()))?);
+            }
+        } else if name.eq_ignore_ascii_case(DEADLINE_HEADER) {
+            for value in values {
+                let deadline = wire::parse_deadline(value.as_str())?;
+                via.deadline = Some(via.deadline.map_or(deadline, |d| d.min(deadline)));
             }
         }
     }
-    Ok(hops)
+    Ok(via)
 }

@@ -15,7 +15,7 @@ use bytes::BytesMut;
 
 use crate::command::{Command, Reply};
 use crate::error::KvError;
-use crate::mesh::{Coming, MAX_BATCH};
+use crate::mesh::{Coming, MAX_BATCH, Via};
 use crate::protocol;
 use crate::router::Router;
 
@@ -219,7 +219,7 @@ impl Gathered {
             let len = commands.len();
             let store = owner.is_none();
             let coming = match owner {
-                Some(owner) => router.forward(&owner, commands, 0).await,
+                Some(owner) => router.forward(&owner, commands, Via::default()).await,
                 None => router.store_submit(commands).await,
             };
             owed.groups.push_back(Group {

@@ -78,13 +78,23 @@ async fn client(
         if rng.below(3) == 0 {
             n += 1;
             let value = format!("v{id}-{n}");
-            match ask(
+            let answer = ask(
                 &mut conn,
                 addr,
                 &format!("PUT {} {key} {value}", BUCKETS[b]),
             )
-            .await
-            {
+            .await;
+            let told = match &answer {
+                Ok(lines) => lines.concat(),
+                Err(()) => "no answer".into(),
+            };
+            model::note(
+                id,
+                b,
+                k,
+                format!("PUT {value} to {addr} at {}: {told:?}", model::clock()),
+            );
+            match answer {
                 Ok(lines) if lines == ["OK\r\n"] => *possible = BTreeSet::from([Some(value)]),
                 Ok(lines) if lines.len() == 1 && refused(&lines[0]) => {
                     counts.errors.fetch_add(1, Ordering::Relaxed);
@@ -108,7 +118,11 @@ async fn client(
                     counts.errors.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(lines) if lines.len() == 2 && lines[1] == "OK\r\n" => {
-                    check_read(possible, &format!("client {id}: GET {key}"), &lines[0]);
+                    let who = format!(
+                        "client {id}: GET {key} (history: {})",
+                        model::history(id, b, k)
+                    );
+                    check_read(possible, &who, &lines[0]);
                 }
                 Ok(lines) => panic!("client {id}: GET answered {lines:?}"),
                 Err(()) => tokio::time::sleep(Duration::from_millis(50)).await,

@@ -347,11 +347,20 @@ pub fn spawn_kvmesh_with(mut cmd: Command, args: &[&str]) -> Process {
     let log = Arc::new(Mutex::new(Vec::new()));
     let (tx, rx) = std::sync::mpsc::channel();
     let lines = log.clone();
+    // KVMESH_TEST_LOG_DIR=<dir> keeps every process's log in <dir>/<pid>.log,
+    // for reading a long chaos run after it failed.
+    let mut keep = std::env::var_os("KVMESH_TEST_LOG_DIR").and_then(|dir| {
+        std::fs::File::create(std::path::Path::new(&dir).join(format!("{}.log", child.id()))).ok()
+    });
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
         {
+            if let Some(f) = keep.as_mut() {
+                use std::io::Write;
+                let _ = writeln!(f, "{line}");
+            }
             // The address of the "ready" line, in text or JSON form.
             if line.contains("node ready") {
                 let addr = line

@@ -1080,3 +1080,67 @@ async fn a_stopping_owner_leaves_no_forwarded_request_waiting() {
     );
     foo.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_comes_after_its_sender_gave_up_is_not_run() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let foo = start_node(mesh_config("foo", FOO_BAR, &nats.url())).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("CREATE apple", "OK\r\n").await;
+    c.exchange("PUT apple k old", "OK\r\n").await;
+    let client = nats_client(&nats.url()).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_millis() as u64;
+    let put = |name: &'static str, deadline: u64, value: &'static str| {
+        let client = client.clone();
+        async move {
+            let mut headers = HeaderMap::new();
+            headers.insert("KV-Hops", "1");
+            headers.insert(name, deadline.to_string().as_str());
+            let body = format!(r#"{{"op":"put","bucket":"apple","key":"k","value":"{value}"}}"#);
+            let reply = within(
+                "request",
+                client.request_with_headers("kv.node.foo", headers, body.into()),
+            )
+            .await
+            .expect("reply");
+            String::from_utf8(reply.payload.to_vec()).expect("utf-8")
+        }
+    };
+    // A write whose sender stopped waiting a moment ago (its client was told
+    // it timed out) is not run, in whatever case the header is written.
+    let late = r#"{"ok":false,"error":"timeout","message":"node foo timed out"}"#;
+    assert_eq!(put("KV-Deadline", now_ms - 1, "late").await, late);
+    assert_eq!(put("kv-deadline", now_ms - 1000, "later").await, late);
+    c.exchange("GET apple k", "old\r\nOK\r\n").await;
+    // In time, it runs.
+    assert_eq!(
+        put("KV-Deadline", now_ms + 60_000, "new").await,
+        r#"{"ok":true}"#
+    );
+    c.exchange("GET apple k", "new\r\nOK\r\n").await;
+    // A deadline that is not a number is refused, and nothing runs.
+    let mut headers = HeaderMap::new();
+    headers.insert("KV-Deadline", "soon");
+    let reply = client
+        .request_with_headers(
+            "kv.node.foo",
+            headers,
+            br#"{"op":"put","bucket":"apple","key":"k","value":"bad"}"#
+                .to_vec()
+                .into(),
+        )
+        .await
+        .expect("reply");
+    let bad = String::from_utf8(reply.payload.to_vec()).expect("utf-8");
+    assert!(
+        bad.contains("bad_request") && bad.contains("KV-Deadline"),
+        "{bad}"
+    );
+    c.exchange("GET apple k", "new\r\nOK\r\n").await;
+    foo.shutdown().await;
+}

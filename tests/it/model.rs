@@ -4,7 +4,7 @@
 //! write's outcome is unknown). Used wherever processes are killed, paused
 //! or cut off under load.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,44 @@ pub fn refused(line: &str) -> bool {
     line == "ERROR mesh unavailable\r\n"
         || line == "ERROR store unavailable\r\n"
         || (line.starts_with("ERROR node ") && line.ends_with(" unavailable\r\n"))
+}
+
+/// The last few things each client was told about each of its keys
+/// (client, bucket index, key number), to show beside a wrong answer.
+static HISTORY: Mutex<BTreeMap<(u64, usize, u64), VecDeque<String>>> = Mutex::new(BTreeMap::new());
+
+/// Remembers what a client was told about one of its keys.
+pub fn note(id: u64, b: usize, k: u64, what: String) {
+    let mut h = HISTORY.lock().expect("history lock");
+    let events = h.entry((id, b, k)).or_default();
+    if events.len() == 8 {
+        events.pop_front();
+    }
+    events.push_back(what);
+}
+
+/// What a client was last told about one of its keys, oldest first.
+pub fn history(id: u64, b: usize, k: u64) -> String {
+    let h = HISTORY.lock().expect("history lock");
+    h.get(&(id, b, k))
+        .map(|e| e.iter().cloned().collect::<Vec<_>>().join("; "))
+        .unwrap_or_default()
+}
+
+/// The time of day (UTC) as the nodes' logs show it, to line a client's
+/// history up with them.
+pub fn clock() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ms = now.as_millis() % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
 }
 
 /// Folds a read's answer (`value\r\n`, `\r\n`) into the model, failing the
@@ -73,11 +111,21 @@ pub async fn client(
             }
         };
         let answer = ask(&mut conn, target, &line).await.ok();
+        let told = answer
+            .as_ref()
+            .map_or("no answer".into(), |lines| lines.concat());
+        note(
+            id,
+            b,
+            k,
+            format!("{line} to {target} at {}: {told:?}", clock()),
+        );
         if line.starts_with("GET") {
             if let Some(lines) = answer
                 && lines.len() == 2
             {
-                check_read(possible, &format!("client {id}: {line}"), &lines[0]);
+                let who = format!("client {id}: {line} (history: {})", history(id, b, k));
+                check_read(possible, &who, &lines[0]);
             }
             continue;
         }
@@ -112,7 +160,8 @@ pub async fn verify(models: &[Model], buckets: &[&str], addr: SocketAddr) -> usi
             let line = format!("GET {} c{id}k{k}", buckets[*b]);
             let answer = c.read_after(&line).await;
             let mut possible = possible.clone();
-            check_read(&mut possible, &line, answer.trim_end_matches("OK\r\n"));
+            let who = format!("{line} (history: {})", history(id as u64, *b, *k));
+            check_read(&mut possible, &who, answer.trim_end_matches("OK\r\n"));
             checked += 1;
         }
     }
