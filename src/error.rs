@@ -81,6 +81,12 @@ impl KvError {
         Self::new(ErrorCode::Timeout, format!("node {node} outcome unknown"))
     }
 
+    /// The bucket's byte range is moving to another node and the move did
+    /// not finish in time: nothing was done.
+    pub fn moving(bucket: &str) -> Self {
+        Self::new(ErrorCode::Unavailable, format!("bucket {bucket} moving"))
+    }
+
     /// The request made `max_hops` hops and would need another.
     pub fn routing_loop(bucket: &str) -> Self {
         Self::new(ErrorCode::Loop, format!("routing loop for bucket {bucket}"))

@@ -99,7 +99,9 @@ fn frame_and_answer(input: &[u8], chunks: &[usize], max_line: usize) -> (BytesMu
     let mut rest = input;
     let mut sizes = chunks.iter().cycle();
     let table = RoutingTable::new(Vec::new()).expect("an empty table is valid");
-    let router = Router::new("local", table, Registry::new(), None, 8);
+    let routes = crate::routes::Routes::fixed("local", table);
+    let timeout = std::time::Duration::from_secs(1);
+    let router = Router::new("local", routes, Registry::new(), None, 8, timeout);
     let mut cache = BucketCache::default();
     let mut gathered = Gathered::new();
     let owed = Owed::default();

@@ -34,6 +34,7 @@ mod protocol;
 mod registry;
 pub mod rng;
 mod router;
+pub mod routes;
 mod secret;
 mod server;
 mod store;

@@ -73,6 +73,38 @@ enum Cmd {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Show or change the live routing table (routes_from = "jetstream"),
+    /// over the NATS of the configuration.
+    Routes {
+        #[command(subcommand)]
+        action: RoutesAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RoutesAction {
+    /// Print the table in force, with its revision (as a file `set` takes).
+    Show {
+        #[command(flatten)]
+        config: NodeArgs,
+    },
+    /// Replace the table with the [[routes]] of a TOML file, if it is still at
+    /// the revision read (the file's `revision`, else the one in force now).
+    Set {
+        /// A TOML file of [[routes]] entries.
+        file: PathBuf,
+        #[command(flatten)]
+        config: NodeArgs,
+    },
+    /// Give a range of first bytes (`a-m`, `x`, `*`) to a node; its buckets move.
+    Move {
+        /// The range.
+        range: String,
+        /// The node that will own it.
+        owner: String,
+        #[command(flatten)]
+        config: NodeArgs,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -140,9 +172,53 @@ enum LogFormat {
     Json,
 }
 
+/// `kvmesh routes ...`: one line on stderr and exit 1 when refused.
+fn routes(action: RoutesAction) -> ExitCode {
+    use kvmesh::routes::cli::{RoutesCommand, run};
+    let (command, config) = match action {
+        RoutesAction::Show { config } => (RoutesCommand::Show, config),
+        RoutesAction::Set { file, config } => (RoutesCommand::Set(file), config),
+        RoutesAction::Move {
+            range,
+            owner,
+            config,
+        } => (RoutesCommand::Move { range, node: owner }, config),
+    };
+    let settings = match Config::load(&config.overrides()) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("kvmesh: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("kvmesh: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(command, &settings)) {
+        Ok(text) => {
+            out(&text);
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("kvmesh routes: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    init_tracing(
+        cli.log_format,
+        matches!(cli.command, Some(Cmd::Routes { .. })),
+    );
     match cli.command {
         Some(Cmd::Bench(args)) => return bench(args),
         Some(Cmd::Ping { addr, timeout_ms }) => {
@@ -158,6 +234,7 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Cmd::Routes { action }) => return routes(action),
         Some(Cmd::CheckConfig { node }) => {
             return match kvmesh::config::describe(&node.overrides()) {
                 Ok(text) => {
@@ -305,9 +382,14 @@ fn bench(args: BenchArgs) -> ExitCode {
 
 /// Logs go to stderr. The default filter hides async-nats's own lines: the
 /// node reports every NATS event itself (see `mesh.rs`), once.
-fn init_tracing(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,async_nats=off"));
+fn init_tracing(format: LogFormat, quiet: bool) {
+    // A one-shot command says only what goes wrong.
+    let default = if quiet {
+        "warn,async_nats=off"
+    } else {
+        "info,async_nats=off"
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

@@ -12,10 +12,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::command::Limits;
-use crate::config::{Durability, Settings};
+use crate::config::{Durability, RoutesFrom, Settings};
 use crate::mesh::{self, Listing, Mesh, MeshError};
 use crate::registry::Registry;
 use crate::router::Router;
+use crate::routes::{self, Routes};
 use crate::secret::redact_url;
 use crate::server::{self, ServerLimits};
 use crate::store::{Role, Store, StoreOptions};
@@ -52,6 +53,8 @@ pub struct Node {
     accept_loop: tokio::task::JoinHandle<()>,
     on_nats: Option<OnNats>,
     store: Option<Store>,
+    /// Moves buckets when the live table changes.
+    _mover: Option<Arc<routes::moves::Mover>>,
     /// Cancelled when another process serving this node's name was found
     /// first, and this one stopped serving.
     deposed: CancellationToken,
@@ -130,11 +133,62 @@ impl Node {
             }
             _ => None,
         };
-        let mut router = Router::new(&config.node, table, registry, mesh.clone(), config.max_hops);
+        // A live table is read before anything is answered: a node must not
+        // serve bytes it may have given away.
+        let live = config.routes_from == RoutesFrom::Jetstream;
+        let (routes, mover) = match &mesh {
+            Some(mesh) if live => {
+                let routes = Routes::live(&config.node, table.clone());
+                let timeout = Duration::from_millis(config.request_timeout_ms);
+                let kv = routes::live::follow(
+                    mesh.client(),
+                    routes.clone(),
+                    table,
+                    config.replicas as usize,
+                    timeout,
+                )
+                .await;
+                let mover = routes::moves::Mover::start(
+                    mesh.client(),
+                    kv,
+                    routes.clone(),
+                    registry.clone(),
+                    store.clone(),
+                    Limits {
+                        max_value_bytes: config.max_value_bytes,
+                    },
+                    timeout,
+                );
+                (routes, Some(mover))
+            }
+            _ => (Routes::fixed(&config.node, table), None),
+        };
+        if let Some(listing) = &listing {
+            listing.set_routes_revision(routes.current().revision);
+            if live {
+                let listing = listing.clone();
+                let routes = routes.clone();
+                let mut changes = routes.subscribe();
+                tokio::spawn(async move {
+                    while changes.changed().await.is_ok() {
+                        listing.set_routes_revision(routes.current().revision);
+                    }
+                });
+            }
+        }
+        let mut router = Router::new(
+            &config.node,
+            routes,
+            registry,
+            mesh.clone(),
+            config.max_hops,
+            Duration::from_millis(config.request_timeout_ms),
+        );
         if let Some(store) = store.clone() {
             router = router.with_store(store);
         }
         let router = Arc::new(router);
+        tokio::spawn(router.clone().run_gate());
         let limits = ServerLimits {
             max_line_bytes: config.max_line_bytes,
             max_connections: config.max_connections,
@@ -191,6 +245,7 @@ impl Node {
             accept_loop,
             on_nats,
             store,
+            _mover: mover,
         })
     }
 

@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -68,6 +68,10 @@ impl Entry {
 struct Bucket {
     /// Which CREATE made it (a durable store's key prefix; 0 in memory).
     generation: u64,
+    /// Set while its byte range moves to another node: writes are refused
+    /// (checked under the shard's lock, so a copy taken after sealing holds
+    /// every write that was let in).
+    sealed: AtomicBool,
     hasher: DefaultHashBuilder,
     shards: OnceLock<Box<[Shard; SHARDS]>>,
 }
@@ -90,6 +94,7 @@ impl Bucket {
     fn new(generation: u64) -> Self {
         Self {
             generation,
+            sealed: AtomicBool::new(false),
             hasher: DefaultHashBuilder::default(),
             shards: OnceLock::new(),
         }
@@ -121,7 +126,8 @@ impl Bucket {
         f(table.find(hash, |e| e.is(key)).map(|e| e.value_after(key)))
     }
 
-    fn put(&self, key: &str, value: &str) {
+    /// Stores `value` under `key`; `false` (nothing stored) when sealed.
+    fn put(&self, key: &str, value: &str) -> bool {
         let shards = self.shards.get_or_init(|| {
             Box::new(std::array::from_fn(|_| {
                 Shard(RwLock::new(HashTable::new()))
@@ -131,23 +137,50 @@ impl Bucket {
         let entry = Entry::new(key, value);
         let hasher = &self.hasher;
         let mut table = shard.write();
+        if self.sealed.load(Ordering::Acquire) {
+            return false;
+        }
         match table.entry(hash, |e| e.is(key.as_bytes()), |e| hasher.hash_one(e.key())) {
             hashbrown::hash_table::Entry::Occupied(mut old) => *old.get_mut() = entry,
             hashbrown::hash_table::Entry::Vacant(slot) => {
                 slot.insert(entry);
             }
         }
+        true
     }
 
-    fn delete(&self, key: &str) {
+    /// Removes `key`; `false` (nothing removed) when sealed.
+    fn delete(&self, key: &str) -> bool {
         let key = key.as_bytes();
         let Some((hash, shard)) = self.locate(key) else {
-            return;
+            return !self.sealed.load(Ordering::Acquire);
         };
         let mut table = shard.write();
+        if self.sealed.load(Ordering::Acquire) {
+            return false;
+        }
         if let Ok(found) = table.find_entry(hash, |e| e.is(key)) {
             found.remove();
         }
+        true
+    }
+
+    /// Every key and value, each shard read under its lock.
+    fn dump(&self) -> Vec<(String, String)> {
+        let mut pairs = Vec::new();
+        if let Some(shards) = self.shards.get() {
+            for shard in shards.iter() {
+                for entry in shard.read().iter() {
+                    let key = entry.key();
+                    let value = entry.value_after(key);
+                    pairs.push((
+                        String::from_utf8_lossy(key).into_owned(),
+                        String::from_utf8_lossy(value).into_owned(),
+                    ));
+                }
+            }
+        }
+        pairs
     }
 
     #[cfg(test)]
@@ -176,6 +209,9 @@ pub struct Registry {
 
 struct Shared {
     buckets: RwLock<HashMap<Box<str>, Arc<Bucket>, DefaultHashBuilder>>,
+    /// First bytes whose buckets are sealed (moving away): no CREATE or DROP
+    /// there, checked under the bucket map's lock.
+    sealed: [AtomicBool; 256],
     /// Counts DROPs, so a [`BucketCache`] knows when its bucket may be gone.
     drops: AtomicU64,
     /// The most buckets held at once.
@@ -206,6 +242,7 @@ impl Registry {
         Self {
             shared: Arc::new(Shared {
                 buckets: RwLock::default(),
+                sealed: std::array::from_fn(|_| AtomicBool::new(false)),
                 drops: AtomicU64::new(0),
                 max_buckets,
             }),
@@ -229,6 +266,9 @@ impl Registry {
             Command::Create { bucket } => {
                 if !self.shared.buckets.read().contains_key(bucket) {
                     let mut buckets = self.shared.buckets.write();
+                    if self.sealed(bucket) {
+                        return Err(KvError::moving(bucket));
+                    }
                     if !buckets.contains_key(bucket) {
                         if buckets.len() >= self.shared.max_buckets {
                             return Err(KvError::internal("too many buckets"));
@@ -238,20 +278,26 @@ impl Registry {
                 }
                 Ok(Reply::Ok)
             }
-            Command::Put { bucket, key, value } => self.with_bucket(bucket, cache, |b| {
-                b.put(key, value);
-                Reply::Ok
-            }),
+            Command::Put { bucket, key, value } => self
+                .with_bucket(bucket, cache, |b| b.put(key, value))?
+                .then_some(Reply::Ok)
+                .ok_or_else(|| KvError::moving(bucket)),
             Command::Get { bucket, key } => self.get(bucket, key, cache, |v| {
                 // Values are stored from valid UTF-8 words, so this never replaces.
                 Reply::Value(v.map(|v| String::from_utf8_lossy(v).into_owned()))
             }),
-            Command::Delete { bucket, key } => self.with_bucket(bucket, cache, |b| {
-                b.delete(key);
-                Reply::Ok
-            }),
+            Command::Delete { bucket, key } => self
+                .with_bucket(bucket, cache, |b| b.delete(key))?
+                .then_some(Reply::Ok)
+                .ok_or_else(|| KvError::moving(bucket)),
             Command::Drop { bucket } => {
-                let removed = self.shared.buckets.write().remove(bucket);
+                let removed = {
+                    let mut buckets = self.shared.buckets.write();
+                    if self.sealed(bucket) {
+                        return Err(KvError::moving(bucket));
+                    }
+                    buckets.remove(bucket)
+                };
                 self.shared.drops.fetch_add(1, Ordering::Release);
                 match removed {
                     Some(dropped) => {
@@ -265,6 +311,89 @@ impl Registry {
             }
             Command::Where { .. } => Err(KvError::internal("WHERE reached the registry")),
         }
+    }
+
+    /// Whether `bucket`'s first byte is sealed.
+    fn sealed(&self, bucket: &str) -> bool {
+        bucket
+            .as_bytes()
+            .first()
+            .is_some_and(|b| self.shared.sealed[*b as usize].load(Ordering::Acquire))
+    }
+
+    /// Whether the buckets starting with `first` are sealed.
+    pub fn is_sealed(&self, first: u8) -> bool {
+        self.shared.sealed[first as usize].load(Ordering::Acquire)
+    }
+
+    /// Seals the buckets starting with any of `bytes` (they are moving to
+    /// another node): from now on no write, CREATE or DROP there takes
+    /// effect (each answers `ERROR bucket <bucket> moving`), and every write
+    /// that did is in what [`Registry::dump`] gives.
+    pub fn seal(&self, bytes: &[u8]) {
+        let buckets = self.shared.buckets.write();
+        for b in bytes {
+            self.shared.sealed[*b as usize].store(true, Ordering::Release);
+        }
+        for (name, bucket) in buckets.iter() {
+            if name.as_bytes().first().is_some_and(|b| bytes.contains(b)) {
+                bucket.sealed.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Undoes [`Registry::seal`] (a move given up).
+    pub fn unseal(&self, bytes: &[u8]) {
+        let buckets = self.shared.buckets.write();
+        for b in bytes {
+            self.shared.sealed[*b as usize].store(false, Ordering::Release);
+        }
+        for (name, bucket) in buckets.iter() {
+            if name.as_bytes().first().is_some_and(|b| bytes.contains(b)) {
+                bucket.sealed.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    /// The buckets starting with any of `bytes`: name and generation.
+    pub fn buckets_in(&self, bytes: &[u8]) -> Vec<(String, u64)> {
+        let mut found: Vec<(String, u64)> = self
+            .shared
+            .buckets
+            .read()
+            .iter()
+            .filter(|(name, _)| name.as_bytes().first().is_some_and(|b| bytes.contains(b)))
+            .map(|(name, bucket)| (name.to_string(), bucket.generation))
+            .collect();
+        found.sort();
+        found
+    }
+
+    /// Every bucket starting with any of `bytes`, with all its keys and
+    /// values, sorted by bucket name.
+    pub fn dump(&self, bytes: &[u8]) -> Vec<(String, Vec<(String, String)>)> {
+        let buckets: Vec<(String, Arc<Bucket>)> = self
+            .shared
+            .buckets
+            .read()
+            .iter()
+            .filter(|(name, _)| name.as_bytes().first().is_some_and(|b| bytes.contains(b)))
+            .map(|(name, bucket)| (name.to_string(), bucket.clone()))
+            .collect();
+        let mut dumped: Vec<(String, Vec<(String, String)>)> = buckets
+            .into_iter()
+            .map(|(name, bucket)| (name, bucket.dump()))
+            .collect();
+        dumped.sort_by(|a, b| a.0.cmp(&b.0));
+        dumped
+    }
+
+    /// Removes `bucket`, sealed or not (a bucket that has moved away, or a
+    /// durable store's DROP, decided before any seal); whether it was there.
+    pub fn remove(&self, bucket: &str) -> bool {
+        let removed = self.shared.buckets.write().remove(bucket);
+        self.shared.drops.fetch_add(1, Ordering::Release);
+        removed.inspect(|b| b.clear()).is_some()
     }
 
     /// Creates `bucket` as a durable store's CREATE of `generation` made it

@@ -8,12 +8,19 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::command::{Command, Reply, valid_node_name};
 use crate::error::KvError;
 
-use crate::mesh::{Coming, Handler, Mesh, Started, Via};
+use crate::mesh::{Answers, Coming, Handler, Mesh, Started, Via};
 use crate::registry::Registry;
+use crate::routes::{Routes, Serve};
 use crate::store::Store;
 
 /// An inclusive range of first bytes: `a-m`, `x`, or `*` (every byte).
@@ -26,6 +33,19 @@ pub struct ByteRange {
 impl ByteRange {
     /// Every byte, 0 to 255: the catch-all `*`.
     pub const ALL: ByteRange = ByteRange { lo: 0, hi: 255 };
+
+    /// The bytes `lo` to `hi` (`lo <= hi`).
+    pub fn new(lo: u8, hi: u8) -> Self {
+        Self {
+            lo: lo.min(hi),
+            hi: hi.max(lo),
+        }
+    }
+
+    /// The first and last byte.
+    pub fn bounds(&self) -> (u8, u8) {
+        (self.lo, self.hi)
+    }
 
     /// Whether this is the catch-all `*`.
     pub fn is_catch_all(&self) -> bool {
@@ -139,6 +159,11 @@ impl RoutingTable {
         }
     }
 
+    /// The entries, in order.
+    pub fn entries(&self) -> impl Iterator<Item = (ByteRange, &str)> {
+        self.entries.iter().map(|(r, n)| (*r, &**n))
+    }
+
     /// The node that owns `bucket`, if any entry covers its first byte.
     pub fn owner_of(&self, bucket: &str) -> Option<&str> {
         self.owner_of_byte(*bucket.as_bytes().first()?)
@@ -169,46 +194,69 @@ impl fmt::Display for RoutingTable {
 }
 
 /// Where a command will run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target<'a> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
     /// On this node's registry.
     Local,
+    /// Here, once its bucket's byte range has moved in (see `routes`).
+    Moving,
     /// On another node, reached through the mesh.
-    Remote(&'a str),
+    Remote(Arc<str>),
+}
+
+/// Commands held until their buckets have moved in, in arrival order.
+struct Gated {
+    commands: Vec<Command>,
+    via: Via,
+    until: Instant,
+    answers: oneshot::Sender<Answers>,
+}
+
+/// The queue of held commands. While anything waits in it, every local
+/// command joins it, so that none overtakes one sent before it.
+struct Gate {
+    tx: mpsc::UnboundedSender<Gated>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Gated>>>,
+    waiting: AtomicUsize,
+    timeout: Duration,
 }
 
 /// Decides where each command runs and runs it there.
 pub struct Router {
     node: Arc<str>,
-    table: RoutingTable,
+    routes: Arc<Routes>,
     registry: Registry,
     mesh: Option<Mesh>,
     /// A durable node's store; `None` in memory.
     store: Option<Store>,
     max_hops: u32,
-    /// Whether this node owns the buckets starting with each byte, worked out
-    /// once so that a request's routing is one lookup, not a name comparison.
-    local: [bool; 256],
+    gate: Gate,
 }
 
 impl Router {
     /// A router for node `node`; `mesh` is `None` for a node that needs no NATS.
     pub fn new(
         node: &str,
-        table: RoutingTable,
+        routes: Arc<Routes>,
         registry: Registry,
         mesh: Option<Mesh>,
         max_hops: u32,
+        timeout: Duration,
     ) -> Self {
-        let local = std::array::from_fn(|b| table.owner_of_byte(b as u8) == Some(node));
+        let (tx, rx) = mpsc::unbounded_channel();
         Self {
             node: Arc::from(node),
-            table,
+            routes,
             registry,
             mesh,
             store: None,
             max_hops,
-            local,
+            gate: Gate {
+                tx,
+                rx: Mutex::new(Some(rx)),
+                waiting: AtomicUsize::new(0),
+                timeout,
+            },
         }
     }
 
@@ -230,6 +278,9 @@ impl Router {
         command: &Command<S>,
         client_waits: impl FnOnce(&Store) -> bool,
     ) -> bool {
+        if self.gate.waiting.load(Ordering::Acquire) > 0 {
+            return true;
+        }
         let Some(store) = &self.store else {
             return false;
         };
@@ -243,6 +294,16 @@ impl Router {
     /// Queues local commands in the store (a durable node's writes, and the
     /// reads that wait their turn behind them); their answers to come.
     pub async fn store_submit(&self, commands: Vec<Command>) -> Coming {
+        if self.gate.waiting.load(Ordering::Acquire) > 0
+            || commands.iter().any(|c| self.is_moving(c.bucket()))
+        {
+            return self.hold(commands, Via::default());
+        }
+        self.submit_now(commands).await
+    }
+
+    /// [`Router::store_submit`], not held.
+    async fn submit_now(&self, commands: Vec<Command>) -> Coming {
         match &self.store {
             Some(store) => store.submit(commands).await,
             None => Coming::ready(
@@ -263,26 +324,47 @@ impl Router {
         &self,
         command: &Command<S>,
         hops: u32,
-    ) -> Result<Target<'_>, KvError> {
+    ) -> Result<Target, KvError> {
         let bucket = command.bucket();
-        let first = bucket.as_bytes().first().copied();
-        if first.is_some_and(|b| self.local[b as usize]) {
-            // A standby forwards its node's buckets to the active process
-            // (a WHERE it answers itself: the owner is the node).
-            let standby = self.store.as_ref().is_some_and(|s| !s.is_active());
-            if !standby || matches!(command, Command::Where { .. }) {
-                return Ok(Target::Local);
+        let Some(&first) = bucket.as_bytes().first() else {
+            return Err(KvError::no_route(bucket));
+        };
+        let routes = self.routes.load();
+        match routes.serve(first) {
+            serve @ (Serve::Local | Serve::Importing) => {
+                // A WHERE is answered here: the owner is this node.
+                if matches!(command, Command::Where { .. }) {
+                    return Ok(Target::Local);
+                }
+                // A standby forwards its node's buckets to the active
+                // process.
+                if self.store.as_ref().is_some_and(|s| !s.is_active()) {
+                    if hops >= self.max_hops {
+                        return Err(KvError::routing_loop(bucket));
+                    }
+                    return Ok(Target::Remote(self.node.clone()));
+                }
+                Ok(if serve == Serve::Local {
+                    Target::Local
+                } else {
+                    Target::Moving
+                })
             }
-            if hops >= self.max_hops {
-                return Err(KvError::routing_loop(bucket));
-            }
-            return Ok(Target::Remote(&self.node));
+            Serve::Remote if hops >= self.max_hops => Err(KvError::routing_loop(bucket)),
+            Serve::Remote => match routes.table.owner_of_byte(first) {
+                Some(owner) => Ok(Target::Remote(Arc::from(owner))),
+                None => Err(KvError::no_route(bucket)),
+            },
+            Serve::NoRoute => Err(KvError::no_route(bucket)),
         }
-        match first.and_then(|b| self.table.owner_of_byte(b)) {
-            None => Err(KvError::no_route(bucket)),
-            Some(_) if hops >= self.max_hops => Err(KvError::routing_loop(bucket)),
-            Some(owner) => Ok(Target::Remote(owner)),
-        }
+    }
+
+    /// Whether `bucket`'s byte range is moving in.
+    fn is_moving(&self, bucket: &str) -> bool {
+        bucket
+            .as_bytes()
+            .first()
+            .is_some_and(|b| self.routes.load().serve(*b) == Serve::Importing)
     }
 
     /// Runs a command that [`Router::target`] placed on this node.
@@ -303,15 +385,84 @@ impl Router {
     /// waiting for the answer. Commands started one after the other take
     /// effect in that order.
     pub async fn start(&self, command: Command, via: Via) -> Started {
+        if self.gate.waiting.load(Ordering::Acquire) > 0 {
+            return Started::Forwarded(self.hold(vec![command], via));
+        }
+        self.start_now(command, via).await
+    }
+
+    /// [`Router::start`], not held.
+    async fn start_now(&self, command: Command, via: Via) -> Started {
         match self.target(&command, via.hops) {
             Ok(Target::Local) if self.must_wait_for_store(&command, |store| !store.is_idle()) => {
-                Started::Forwarded(self.store_submit(vec![command]).await)
+                Started::Forwarded(self.submit_now(vec![command]).await)
             }
             Ok(Target::Local) => Started::Done(self.execute_local(command.borrowed())),
+            Ok(Target::Moving) => Started::Forwarded(self.hold(vec![command], via)),
             Ok(Target::Remote(owner)) => {
-                Started::Forwarded(self.forward(owner, vec![command], via).await)
+                Started::Forwarded(self.forward(&owner, vec![command], via).await)
             }
             Err(err) => Started::Done(Err(err)),
+        }
+    }
+
+    /// Holds commands until their buckets have moved in (or the request
+    /// timeout passes: `ERROR bucket <bucket> moving`), behind every command
+    /// held before them.
+    fn hold(&self, commands: Vec<Command>, via: Via) -> Coming {
+        let (answers, rx) = oneshot::channel();
+        let len = commands.len();
+        self.gate.waiting.fetch_add(1, Ordering::AcqRel);
+        let gated = Gated {
+            commands,
+            via,
+            until: Instant::now() + self.gate.timeout,
+            answers,
+        };
+        if let Err(mpsc::error::SendError(gated)) = self.gate.tx.send(gated) {
+            self.gate.waiting.fetch_sub(1, Ordering::AcqRel);
+            let _ = gated
+                .answers
+                .send(vec![Err(KvError::internal("stopping")); len]);
+        }
+        Coming::new(rx, len)
+    }
+
+    /// Runs the held commands in order, each once its bucket has moved in
+    /// or its time is up. Runs for the router's life.
+    pub async fn run_gate(self: Arc<Self>) {
+        let Some(mut rx) = self.gate.rx.lock().take() else {
+            return;
+        };
+        let mut changes = self.routes.subscribe();
+        while let Some(gated) = rx.recv().await {
+            while tokio::time::Instant::now() < gated.until
+                && gated.commands.iter().any(|c| self.is_moving(c.bucket()))
+            {
+                changes.mark_unchanged();
+                let _ = tokio::time::timeout_at(gated.until, changes.changed()).await;
+            }
+            let mut parts = Vec::with_capacity(gated.commands.len());
+            for command in gated.commands {
+                let part = if self.is_moving(command.bucket()) {
+                    Started::Done(Err(KvError::moving(command.bucket())))
+                } else {
+                    self.start_now(command, gated.via).await
+                };
+                parts.push(part);
+            }
+            self.gate.waiting.fetch_sub(1, Ordering::AcqRel);
+            let answers = gated.answers;
+            tokio::spawn(async move {
+                let mut all = Vec::with_capacity(parts.len());
+                for part in parts {
+                    all.push(match part {
+                        Started::Done(result) => result,
+                        Started::Forwarded(coming) => coming.first().await,
+                    });
+                }
+                let _ = answers.send(all);
+            });
         }
     }
 
@@ -448,7 +599,15 @@ mod tests {
     }
 
     fn router(table: RoutingTable) -> Router {
-        Router::new("foo", table, Registry::new(), None, 2)
+        let routes = Routes::fixed("foo", table);
+        Router::new(
+            "foo",
+            routes,
+            Registry::new(),
+            None,
+            2,
+            Duration::from_secs(1),
+        )
     }
 
     #[test]
@@ -460,8 +619,8 @@ mod tests {
         };
         assert_eq!(r.target(&get("apple"), 0), Ok(Target::Local));
         assert_eq!(r.target(&get("apple"), 99), Ok(Target::Local));
-        assert_eq!(r.target(&get("nut"), 0), Ok(Target::Remote("bar")));
-        assert_eq!(r.target(&get("nut"), 1), Ok(Target::Remote("bar")));
+        assert_eq!(r.target(&get("nut"), 0), Ok(Target::Remote("bar".into())));
+        assert_eq!(r.target(&get("nut"), 1), Ok(Target::Remote("bar".into())));
         assert_eq!(r.target(&get("nut"), 2), Err(KvError::routing_loop("nut")));
         assert_eq!(r.target(&get("Nut"), 0), Err(KvError::no_route("Nut")));
     }

@@ -16,7 +16,7 @@ mod layers;
 mod validate;
 
 pub use describe::describe;
-pub use validate::{Invalid, Settings};
+pub use validate::{Invalid, Settings, routing_table};
 
 use std::fmt;
 use std::path::PathBuf;
@@ -71,6 +71,9 @@ pub struct Config {
     /// Close a TCP connection that sends nothing for this long; unset: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_secs: Option<u64>,
+    /// Where the routing table comes from: this configuration's `routes`,
+    /// or the JetStream KV bucket `kvmesh_routes`, followed live.
+    pub routes_from: RoutesFrom,
     /// The routing table; `None` means one catch-all entry for this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<Vec<RouteConfig>>,
@@ -114,6 +117,17 @@ pub enum Durability {
     Jetstream,
 }
 
+/// Where the routing table comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutesFrom {
+    /// The `routes` key, fixed at start.
+    Config,
+    /// The key `table` of the JetStream KV bucket `kvmesh_routes`, followed
+    /// live (`routes`, when set, is written there if the key is missing).
+    Jetstream,
+}
+
 /// One `[[routes]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +156,7 @@ impl Default for Config {
             replicas: 1,
             failover_after_ms: 3000,
             idle_timeout_secs: None,
+            routes_from: RoutesFrom::Config,
             routes: None,
             nats_user: None,
             nats_password: None,

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use super::{Config, DEFAULT_NATS_URL, Durability};
+use super::{Config, DEFAULT_NATS_URL, Durability, RoutesFrom};
 use crate::command::valid_node_name;
 use crate::mesh::Security;
 use crate::router::{ByteRange, RoutingTable};
@@ -42,6 +42,7 @@ impl Config {
         let nats_servers = match &self.nats_url {
             Some(urls) => Some(nats_servers(urls).map_err(|m| Invalid::at("nats_url", m))?),
             None => (self.durability == Durability::Jetstream
+                || self.routes_from == RoutesFrom::Jetstream
                 || self
                     .routes
                     .iter()
@@ -131,9 +132,17 @@ impl Config {
 
     /// The routing table: the configured one, or one catch-all entry for this node.
     fn routing_table(&self) -> Result<RoutingTable, Invalid> {
-        let Some(routes) = &self.routes else {
-            return Ok(RoutingTable::catch_all(&self.node));
-        };
+        match &self.routes {
+            Some(routes) => routing_table(routes),
+            None => Ok(RoutingTable::catch_all(&self.node)),
+        }
+    }
+}
+
+/// A table from `[[routes]]` entries, checked by the configuration's rules;
+/// the error names the entry and field (`routes[1].range`).
+pub fn routing_table(routes: &[super::RouteConfig]) -> Result<RoutingTable, Invalid> {
+    {
         let mut entries = Vec::with_capacity(routes.len());
         for (i, route) in routes.iter().enumerate() {
             let range: ByteRange = route

@@ -135,6 +135,13 @@ impl Listing {
         self.registration.set_metadata("role", role);
     }
 
+    /// Shows the revision of the routing table in force (0: the
+    /// configuration's) in the service API metadata.
+    pub fn set_routes_revision(&self, revision: u64) {
+        self.registration
+            .set_metadata("routes_revision", &revision.to_string());
+    }
+
     /// Leaves the service API.
     pub fn leave(&self) {
         self.listed.cancel();

@@ -49,8 +49,13 @@ pub(crate) fn answer_frame(
                     }
                 }
                 Ok(Target::Local) => answer_local(router, command, &mut gathered.out, cache),
+                Ok(Target::Moving) => {
+                    if gathered.forward(None, command.owned()) {
+                        return Step::Forward;
+                    }
+                }
                 Ok(Target::Remote(owner)) => {
-                    if gathered.forward(Some(owner), command.owned()) {
+                    if gathered.forward(Some(&owner), command.owned()) {
                         return Step::Forward;
                     }
                 }

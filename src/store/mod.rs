@@ -64,6 +64,14 @@ enum Job {
     },
     /// Stop: hand the store over (when active), then say done.
     Release(oneshot::Sender<()>),
+    /// Once every write before it is stored and applied, seal (or unseal)
+    /// the buckets starting with these bytes; says whether it was done (by
+    /// the active process).
+    Seal {
+        bytes: Vec<u8>,
+        seal: bool,
+        done: oneshot::Sender<bool>,
+    },
 }
 
 /// What the store task and the request path share.
@@ -164,6 +172,22 @@ impl Store {
             let _ = answers.send(vec![Err(KvError::store_unavailable()); len]);
         }
         Coming::new(rx, len)
+    }
+
+    /// Seals (`seal`) or unseals the buckets starting with `bytes` once
+    /// every write queued before is stored and applied; whether it was done
+    /// (only the active process does it).
+    pub async fn seal(&self, bytes: Vec<u8>, seal: bool) -> bool {
+        let (done, rx) = oneshot::channel();
+        if self
+            .queue
+            .send(Job::Seal { bytes, seal, done })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 
     /// Finishes the writes queued, and when this process is the active one,

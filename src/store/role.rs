@@ -329,6 +329,9 @@ impl Keeper {
                 },
                 job = jobs.recv() => match job {
                     Some(Job::Commands { commands, answers }) => refuse(&self.shared, commands.len(), answers),
+                    Some(Job::Seal { done, .. }) => {
+                        let _ = done.send(false);
+                    }
                     Some(Job::Release(done)) => {
                         let _ = done.send(());
                         return Phase::Stopped;
@@ -384,6 +387,9 @@ async fn refuse_until_stopped(shared: &Shared, jobs: &mut mpsc::Receiver<Job>) -
     loop {
         match jobs.recv().await {
             Some(Job::Commands { commands, answers }) => refuse(shared, commands.len(), answers),
+            Some(Job::Seal { done, .. }) => {
+                let _ = done.send(false);
+            }
             Some(Job::Release(done)) => {
                 let _ = done.send(());
                 return Phase::Stopped;

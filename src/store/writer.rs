@@ -267,16 +267,19 @@ impl Keeper {
         let max_in_flight = if atomic { 1 } else { MAX_IN_FLIGHT };
         let mut pending = Pending::default();
         let mut release: Option<oneshot::Sender<()>> = None;
+        // A seal waiting for the writes before it: no job is taken meanwhile.
+        let mut sealing: Option<(Vec<u8>, bool, oneshot::Sender<bool>)> = None;
         let mut last_sent = tokio::time::Instant::now();
         let mut flights: FuturesOrdered<Landing> = FuturesOrdered::new();
         // A CREATE or DROP on its way: nothing starts after it until applied.
         let mut structural = false;
         loop {
             // Everything already queued joins the batches.
-            while release.is_none() && pending.queued.len() < MAX_ITEMS {
+            while release.is_none() && sealing.is_none() && pending.queued.len() < MAX_ITEMS {
                 match jobs.try_recv() {
                     Ok(Job::Commands { commands, answers }) => pending.add(commands, answers),
                     Ok(Job::Release(done)) => release = Some(done),
+                    Ok(Job::Seal { bytes, seal, done }) => sealing = Some((bytes, seal, done)),
                     Err(_) => break,
                 }
             }
@@ -292,15 +295,28 @@ impl Keeper {
             }
             if flights.is_empty()
                 && pending.queued.is_empty()
+                && let Some((bytes, seal, done)) = sealing.take()
+            {
+                if seal {
+                    self.registry.seal(&bytes);
+                } else {
+                    self.registry.unseal(&bytes);
+                }
+                let _ = done.send(true);
+                continue;
+            }
+            if flights.is_empty()
+                && pending.queued.is_empty()
                 && let Some(done) = release.take()
             {
                 return self.release(done).await;
             }
             let idle = flights.is_empty() && pending.queued.is_empty();
             tokio::select! {
-                job = jobs.recv(), if release.is_none() => match job {
+                job = jobs.recv(), if release.is_none() && sealing.is_none() => match job {
                     Some(Job::Commands { commands, answers }) => pending.add(commands, answers),
                     Some(Job::Release(done)) => release = Some(done),
+                    Some(Job::Seal { bytes, seal, done }) => sealing = Some((bytes, seal, done)),
                     None => return Phase::Stopped,
                 },
                 Some((flight, outcomes)) = flights.next(), if !flights.is_empty() => {
@@ -426,6 +442,15 @@ impl Keeper {
             Some(planned) => *planned,
             None => self.registry.generation(bucket),
         };
+        if command
+            .bucket()
+            .as_bytes()
+            .first()
+            .is_some_and(|b| self.registry.is_sealed(*b))
+            && !matches!(command, Command::Get { .. } | Command::Where { .. })
+        {
+            return Planned::Answer(Err(KvError::moving(command.bucket())));
+        }
         let (message, change) = match command {
             Command::Get { .. } | Command::Where { .. } => return Planned::Read(command),
             Command::Create { bucket } => {
@@ -485,7 +510,11 @@ impl Keeper {
                 Ok(Reply::Ok)
             }
             Change::Drop { bucket, generation } => {
-                let answer = self.registry.apply(Command::Drop { bucket: &bucket });
+                let answer = if self.registry.remove(&bucket) {
+                    Ok(Reply::Ok)
+                } else {
+                    Err(KvError::not_found(&bucket))
+                };
                 // The keys can no longer be seen; purge them.
                 let js = self.js.clone();
                 let stream = self.stream.clone();

@@ -15,6 +15,7 @@ mod mesh;
 mod node;
 mod ops;
 mod process;
+mod routes;
 mod security;
 mod soak;
 mod topology;

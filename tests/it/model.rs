@@ -24,7 +24,11 @@ pub fn refused(line: &str) -> bool {
     line == "ERROR mesh unavailable\r\n"
         || line == "ERROR store unavailable\r\n"
         || (line.starts_with("ERROR node ") && line.ends_with(" unavailable\r\n"))
+        || (line.starts_with("ERROR bucket ") && line.ends_with(" moving\r\n"))
 }
+
+/// The longest any client waited for an answer, in milliseconds.
+pub static SLOWEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The last few things each client was told about each of its keys
 /// (client, bucket index, key number), to show beside a wrong answer.
@@ -110,7 +114,9 @@ pub async fn client(
                 (format!("PUT {bucket} c{id}k{k} {v}"), Some(v))
             }
         };
+        let asked = std::time::Instant::now();
         let answer = ask(&mut conn, target, &line).await.ok();
+        SLOWEST.fetch_max(asked.elapsed().as_millis() as u64, Ordering::Relaxed);
         let told = answer
             .as_ref()
             .map_or("no answer".into(), |lines| lines.concat());
