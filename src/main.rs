@@ -217,7 +217,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(
         cli.log_format,
-        matches!(cli.command, Some(Cmd::Routes { .. })),
+        matches!(
+            cli.command,
+            Some(Cmd::Routes { .. } | Cmd::CheckConfig { .. })
+        ),
     );
     match cli.command {
         Some(Cmd::Bench(args)) => return bench(args),
@@ -236,9 +239,19 @@ fn main() -> ExitCode {
         }
         Some(Cmd::Routes { action }) => return routes(action),
         Some(Cmd::CheckConfig { node }) => {
-            return match kvmesh::config::describe(&node.overrides()) {
+            let overrides = node.overrides();
+            return match kvmesh::config::describe(&overrides) {
                 Ok(text) => {
                     out(&text);
+                    // A live table: the one in force, with its revision.
+                    if let Ok(settings) = Config::load(&overrides)
+                        && settings.config.routes_from == kvmesh::config::RoutesFrom::Jetstream
+                        && let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                    {
+                        out(&rt.block_on(kvmesh::routes::cli::in_force_line(&settings)));
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(err) => {

@@ -74,6 +74,38 @@ pub async fn run(command: RoutesCommand, settings: &Settings) -> Result<String, 
     }
 }
 
+/// For `check-config`: the table in force in JetStream, with its revision,
+/// as one comment line (or why it cannot be read now).
+pub async fn in_force_line(settings: &Settings) -> String {
+    let read = async {
+        let servers = settings
+            .nats_servers
+            .clone()
+            .unwrap_or_else(|| vec![DEFAULT_NATS_URL.to_string()]);
+        let timeout = Duration::from_secs(2);
+        let mesh = Mesh::connect(&servers, &settings.config.node, timeout, &settings.security)
+            .await
+            .map_err(|e| e.to_string())?;
+        let js = live::context(&mesh.client(), timeout);
+        let kv = js
+            .get_key_value(super::ROUTES_BUCKET)
+            .await
+            .map_err(|e| format!("cannot open {}: {e}", super::ROUTES_BUCKET))?;
+        current(&kv).await
+    };
+    match tokio::time::timeout(Duration::from_secs(3), read).await {
+        Ok(Ok((table, revision))) => {
+            format!("# routes in force: kvmesh_routes revision {revision}: {table}\n")
+        }
+        Ok(Err(err)) => {
+            format!("# routes in force: from kvmesh_routes, not readable now ({err})\n")
+        }
+        Err(_) => {
+            "# routes in force: from kvmesh_routes, not readable now (NATS did not answer)\n".into()
+        }
+    }
+}
+
 /// The table in force and its revision.
 async fn current(kv: &kv::Store) -> Result<(RoutingTable, u64), String> {
     let entry = kv

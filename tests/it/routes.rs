@@ -184,6 +184,18 @@ async fn table_changes_reach_every_node_and_bad_tables_are_ignored() {
     let winner = if a.0 == Some(0) { "foo" } else { "baz" };
     wait_for_owner(&addrs, "kiwi", winner).await;
 
+    // check-config shows the table in force, with its revision.
+    let mut cmd = Command::new(kvmesh_bin());
+    cmd.args(["check-config", "--nats-url", &url])
+        .env_remove("KVMESH_CONFIG")
+        .env("KVMESH_ROUTES_FROM", "jetstream");
+    let (code, out, err) = run(&mut cmd);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("routes_from = \"jetstream\""), "{out}");
+    assert!(
+        out.contains("# routes in force: kvmesh_routes revision "),
+        "{out}"
+    );
     // The service API shows the revision in force.
     let metadata = service_metadata(&url).await;
     assert_eq!(metadata.len(), 3);

@@ -421,3 +421,75 @@ async fn a_durable_node_works_under_the_shipped_permissions() {
     );
     foo.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_table_and_its_moves_work_under_the_shipped_permissions() {
+    if crate::nats::jetstream_server_bin().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = auth_conf(dir.path());
+    let store = dir.path().join("js");
+    let args = [
+        "-c",
+        conf.to_str().expect("path"),
+        "-js",
+        "-sd",
+        store.to_str().expect("path"),
+    ];
+    let Some(nats) = NatsServer::start_with(&args) else {
+        return;
+    };
+    let node = |name: &str, durable: bool| {
+        let mut config = mesh_config(name, FOO_BAR, &nats.url());
+        config.routes_from = kvmesh::config::RoutesFrom::Jetstream;
+        if durable {
+            config.durability = kvmesh::config::Durability::Jetstream;
+        }
+        config.nats_user = Some(name.into());
+        config.nats_password = Some(Secret::new(&format!("{name}-pw")));
+        config
+    };
+    let foo = start_node(node("foo", true)).await;
+    let bar = start_node(node("bar", false)).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("CREATE kiwi", "OK\r\n").await;
+    c.exchange("PUT kiwi k v", "OK\r\n").await;
+    // The ops user moves k-m to bar with the CLI; kiwi moves with it.
+    let mut cmd = std::process::Command::new(kvmesh_bin());
+    cmd.args([
+        "routes",
+        "move",
+        "k-m",
+        "bar",
+        "--node",
+        "ops",
+        "--nats-url",
+        &nats.url(),
+    ])
+    .env_remove("KVMESH_CONFIG")
+    .env("KVMESH_NATS_USER", "ops")
+    .env("KVMESH_NATS_PASSWORD", "ops-pw");
+    let (code, out, err) = run(&mut cmd);
+    assert_eq!(code, Some(0), "{out}{err}");
+    c.eventually("WHERE kiwi", "bar\r\nOK\r\n").await;
+    c.exchange("GET kiwi k", "v\r\nOK\r\n").await;
+    let mut b = LineClient::connect(bar.local_addr()).await;
+    b.exchange("GET kiwi k", "v\r\nOK\r\n").await;
+    // Nobody but foo may serve foo's move subject.
+    let (bar_user, mut errors) = client_as(&nats.url(), "bar", "_INBOX.bar").await;
+    let _sub = bar_user
+        .subscribe("kv.move.foo")
+        .await
+        .expect("subscribe is sent");
+    nats_round_trip(&bar_user).await;
+    let e = within("bar's user is refused", errors.recv())
+        .await
+        .expect("an error");
+    assert!(
+        e.contains("Permissions Violation") && e.contains("kv.move.foo"),
+        "{e}"
+    );
+    foo.shutdown().await;
+    bar.shutdown().await;
+}
