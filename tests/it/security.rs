@@ -447,7 +447,7 @@ async fn a_live_table_and_its_moves_work_under_the_shipped_permissions() {
             config.durability = kvmesh::config::Durability::Jetstream;
         }
         config.nats_user = Some(name.into());
-        config.nats_password = Some(Secret::new(&format!("{name}-pw")));
+        config.nats_password = Some(Secret::new(format!("{name}-pw")));
         config
     };
     let foo = start_node(node("foo", true)).await;
