@@ -171,6 +171,11 @@ impl RoutingTable {
 
     /// The node that owns the buckets starting with `first`, if any.
     pub fn owner_of_byte(&self, first: u8) -> Option<&str> {
+        self.owner_arc(first).map(|n| &**n)
+    }
+
+    /// [`RoutingTable::owner_of_byte`], as the shared name.
+    fn owner_arc(&self, first: u8) -> Option<&Arc<str>> {
         match self.index[first as usize] {
             NO_ENTRY => None,
             i => Some(&self.entries[i as usize].1),
@@ -351,8 +356,8 @@ impl Router {
                 })
             }
             Serve::Remote if hops >= self.max_hops => Err(KvError::routing_loop(bucket)),
-            Serve::Remote => match routes.table.owner_of_byte(first) {
-                Some(owner) => Ok(Target::Remote(Arc::from(owner))),
+            Serve::Remote => match routes.table.owner_arc(first) {
+                Some(owner) => Ok(Target::Remote(owner.clone())),
                 None => Err(KvError::no_route(bucket)),
             },
             Serve::NoRoute => Err(KvError::no_route(bucket)),
