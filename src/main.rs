@@ -172,6 +172,29 @@ enum LogFormat {
     Json,
 }
 
+/// The checked configuration and a runtime (with worker threads for a
+/// node, one thread for a command); the exit code when either fails, said
+/// on stderr (2: a bad configuration).
+fn settings_and_runtime(
+    overrides: &Overrides,
+    workers: bool,
+) -> Result<(kvmesh::config::Settings, tokio::runtime::Runtime), ExitCode> {
+    let settings = Config::load(overrides).map_err(|err| {
+        eprintln!("kvmesh: {err}");
+        ExitCode::from(2)
+    })?;
+    let mut builder = if workers {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = builder.enable_all().build().map_err(|err| {
+        eprintln!("kvmesh: cannot start the runtime: {err}");
+        ExitCode::FAILURE
+    })?;
+    Ok((settings, runtime))
+}
+
 /// `kvmesh routes ...`: one line on stderr and exit 1 when refused.
 fn routes(action: RoutesAction) -> ExitCode {
     use kvmesh::routes::cli::{RoutesCommand, run};
@@ -184,22 +207,9 @@ fn routes(action: RoutesAction) -> ExitCode {
             config,
         } => (RoutesCommand::Move { range, node: owner }, config),
     };
-    let settings = match Config::load(&config.overrides()) {
-        Ok(settings) => settings,
-        Err(err) => {
-            eprintln!("kvmesh: {err}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("kvmesh: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+    let (settings, runtime) = match settings_and_runtime(&config.overrides(), false) {
+        Ok(both) => both,
+        Err(code) => return code,
     };
     match runtime.block_on(run(command, &settings)) {
         Ok(text) => {
@@ -262,23 +272,9 @@ fn main() -> ExitCode {
         }
         None => {}
     }
-    let overrides = cli.node.overrides();
-    let settings = match Config::load(&overrides) {
-        Ok(config) => config,
-        Err(err) => {
-            eprintln!("kvmesh: {err}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("kvmesh: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+    let (settings, runtime) = match settings_and_runtime(&cli.node.overrides(), true) {
+        Ok(both) => both,
+        Err(code) => return code,
     };
     raise_file_limit(settings.config.max_connections);
     runtime.block_on(async {

@@ -331,26 +331,22 @@ impl Registry {
     /// effect (each answers `ERROR bucket <bucket> moving`), and every write
     /// that did is in what [`Registry::dump`] gives.
     pub fn seal(&self, bytes: &[u8]) {
-        let buckets = self.shared.buckets.write();
-        for b in bytes {
-            self.shared.sealed[*b as usize].store(true, Ordering::Release);
-        }
-        for (name, bucket) in buckets.iter() {
-            if name.as_bytes().first().is_some_and(|b| bytes.contains(b)) {
-                bucket.sealed.store(true, Ordering::Release);
-            }
-        }
+        self.set_sealed(bytes, true);
     }
 
-    /// Undoes [`Registry::seal`] (a move given up).
+    /// Undoes [`Registry::seal`] (a move given up, or done).
     pub fn unseal(&self, bytes: &[u8]) {
+        self.set_sealed(bytes, false);
+    }
+
+    fn set_sealed(&self, bytes: &[u8], sealed: bool) {
         let buckets = self.shared.buckets.write();
         for b in bytes {
-            self.shared.sealed[*b as usize].store(false, Ordering::Release);
+            self.shared.sealed[*b as usize].store(sealed, Ordering::Release);
         }
         for (name, bucket) in buckets.iter() {
             if name.as_bytes().first().is_some_and(|b| bytes.contains(b)) {
-                bucket.sealed.store(false, Ordering::Release);
+                bucket.sealed.store(sealed, Ordering::Release);
             }
         }
     }

@@ -313,18 +313,14 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
 /// memory, owning nothing; foo and bar durable with three replicas, taking
 /// over after one second of silence when they run as several processes.
 fn spawn_durable_mesh_process(urls: &str, node: &str) -> Process {
-    let mut cmd = clean_command();
-    cmd.env(
-        "KVMESH_ROUTES",
-        r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#,
+    spawn_foo_bar_process(
+        urls,
+        node,
+        &[
+            ("KVMESH_REQUEST_TIMEOUT_MS", "1500"),
+            ("KVMESH_REPLICAS", "3"),
+        ],
     )
-    .env("KVMESH_REQUEST_TIMEOUT_MS", "1500");
-    if node != "gw" {
-        cmd.env("KVMESH_DURABILITY", "jetstream")
-            .env("KVMESH_REPLICAS", "3")
-            .env("KVMESH_FAILOVER_AFTER_MS", "1000");
-    }
-    spawn_kvmesh_with(cmd, &["--node", node, "--nats-url", urls])
 }
 
 /// Starts a process for each of `names` (the last one `gw`) and creates the

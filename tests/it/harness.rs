@@ -383,6 +383,23 @@ pub fn spawn_kvmesh_with(mut cmd: Command, args: &[&str]) -> Process {
     Process { child, addr, log }
 }
 
+/// A process of the [`FOO_BAR`] mesh on `urls`: foo and bar durable (a
+/// standby takes over after 1 s of silence), any other name (`gw`) a memory
+/// node owning nothing; with `env` on top.
+pub fn spawn_foo_bar_process(urls: &str, node: &str, env: &[(&str, &str)]) -> Process {
+    let mut cmd = clean_command();
+    cmd.env(
+        "KVMESH_ROUTES",
+        r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#,
+    );
+    if node == "foo" || node == "bar" {
+        cmd.env("KVMESH_DURABILITY", "jetstream")
+            .env("KVMESH_FAILOVER_AFTER_MS", "1000");
+    }
+    cmd.envs(env.iter().copied());
+    spawn_kvmesh_with(cmd, &["--node", node, "--nats-url", urls])
+}
+
 /// Runs the binary to its end: exit code, stdout, stderr.
 pub fn run(cmd: &mut Command) -> (Option<i32>, String, String) {
     let out = cmd.stdin(Stdio::null()).output().expect("run kvmesh");

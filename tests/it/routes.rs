@@ -26,6 +26,15 @@ fn live_config(name: &str, url: &str) -> kvmesh::Config {
     config
 }
 
+/// foo, bar and baz of [`THREE`], following the live table on `url`.
+async fn three_live_nodes(url: &str) -> [kvmesh::Node; 3] {
+    [
+        start_node(live_config("foo", url)).await,
+        start_node(live_config("bar", url)).await,
+        start_node(live_config("baz", url)).await,
+    ]
+}
+
 /// Runs `kvmesh routes ARGS` against `url`: exit code, stdout, stderr.
 fn routes_cli(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let mut cmd = Command::new(kvmesh_bin());
@@ -64,9 +73,7 @@ async fn table_changes_reach_every_node_and_bad_tables_are_ignored() {
         return;
     };
     let url = nats.url();
-    let foo = start_node(live_config("foo", &url)).await;
-    let bar = start_node(live_config("bar", &url)).await;
-    let baz = start_node(live_config("baz", &url)).await;
+    let [foo, bar, baz] = three_live_nodes(&url).await;
     let addrs = [foo.local_addr(), bar.local_addr(), baz.local_addr()];
     // The first node wrote its configured table; every node follows it.
     let (code, out, err) = routes_cli(&url, &["show"]);
@@ -217,9 +224,7 @@ async fn buckets_move_between_memory_nodes_with_their_range() {
         return;
     };
     let url = nats.url();
-    let foo = start_node(live_config("foo", &url)).await;
-    let bar = start_node(live_config("bar", &url)).await;
-    let baz = start_node(live_config("baz", &url)).await;
+    let [foo, bar, baz] = three_live_nodes(&url).await;
     let mut c = LineClient::connect(foo.local_addr()).await;
     c.exchange("CREATE kiwi", "OK\r\n").await;
     c.exchange("CREATE lime", "OK\r\n").await;
@@ -275,18 +280,14 @@ async fn buckets_move_between_memory_nodes_with_their_range() {
 
 /// A durable process of `node` following the live table on `url`.
 fn spawn_live_durable(url: &str, node: &str) -> Process {
-    let mut cmd = clean_command();
-    cmd.env(
-        "KVMESH_ROUTES",
-        r#"[{range="a-m",node="foo"},{range="n-z",node="bar"}]"#,
+    spawn_foo_bar_process(
+        url,
+        node,
+        &[
+            ("KVMESH_ROUTES_FROM", "jetstream"),
+            ("KVMESH_REQUEST_TIMEOUT_MS", "5000"),
+        ],
     )
-    .env("KVMESH_ROUTES_FROM", "jetstream")
-    .env("KVMESH_REQUEST_TIMEOUT_MS", "5000");
-    if node != "gw" {
-        cmd.env("KVMESH_DURABILITY", "jetstream")
-            .env("KVMESH_FAILOVER_AFTER_MS", "1000");
-    }
-    spawn_kvmesh_with(cmd, &["--node", node, "--nats-url", url])
 }
 
 /// Waits until `kvmesh routes show` reports no move under way.

@@ -372,14 +372,12 @@ async fn under_the_shipped_permissions_nobody_can_answer_for_a_node() {
     bar.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_durable_node_works_under_the_shipped_permissions() {
-    if crate::nats::jetstream_server_bin().is_none() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let conf = auth_conf(dir.path());
-    let store = dir.path().join("js");
+/// A JetStream server (its store in `dir`) under `config/nats-auth.conf`;
+/// `None` (the test skips) without a server that has JetStream KV.
+fn jetstream_under_the_shipped_permissions(dir: &Path) -> Option<NatsServer> {
+    crate::nats::jetstream_server_bin()?;
+    let conf = auth_conf(dir);
+    let store = dir.join("js");
     let args = [
         "-c",
         conf.to_str().expect("path"),
@@ -387,7 +385,13 @@ async fn a_durable_node_works_under_the_shipped_permissions() {
         "-sd",
         store.to_str().expect("path"),
     ];
-    let Some(nats) = NatsServer::start_with(&args) else {
+    NatsServer::start_with(&args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_node_works_under_the_shipped_permissions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(nats) = jetstream_under_the_shipped_permissions(dir.path()) else {
         return;
     };
     let mut config = mesh_config("foo", FOO_BAR, &nats.url());
@@ -424,20 +428,8 @@ async fn a_durable_node_works_under_the_shipped_permissions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_table_and_its_moves_work_under_the_shipped_permissions() {
-    if crate::nats::jetstream_server_bin().is_none() {
-        return;
-    }
     let dir = tempfile::tempdir().expect("tempdir");
-    let conf = auth_conf(dir.path());
-    let store = dir.path().join("js");
-    let args = [
-        "-c",
-        conf.to_str().expect("path"),
-        "-js",
-        "-sd",
-        store.to_str().expect("path"),
-    ];
-    let Some(nats) = NatsServer::start_with(&args) else {
+    let Some(nats) = jetstream_under_the_shipped_permissions(dir.path()) else {
         return;
     };
     let node = |name: &str, durable: bool| {
