@@ -378,7 +378,11 @@ impl Registry {
             .collect();
         let mut dumped: Vec<(String, Vec<(String, String)>)> = buckets
             .into_iter()
-            .map(|(name, bucket)| (name, bucket.dump()))
+            .map(|(name, bucket)| {
+                let mut pairs = bucket.dump();
+                pairs.sort_unstable();
+                (name, pairs)
+            })
             .collect();
         dumped.sort_by(|a, b| a.0.cmp(&b.0));
         dumped

@@ -62,6 +62,10 @@ struct PageBucket {
 /// A page: buckets in order, and where the next page starts (none: done).
 #[derive(Debug, Serialize, Deserialize)]
 struct Page {
+    /// Which copy the page is cut from: a page of another copy (the holder
+    /// restarted, or another of its processes took over) does not go on
+    /// from where the last one stopped, so the asker starts again.
+    copy: String,
     buckets: Vec<PageBucket>,
     next: Option<(usize, usize)>,
 }
@@ -77,8 +81,8 @@ enum PageReply {
 /// What a node sends per page, at most.
 const PAGE_BYTES: usize = 256 * 1024;
 
-/// A sealed copy being sent: the buckets and their keys, sorted.
-type Dump = Arc<Vec<(String, Vec<(String, String)>)>>;
+/// A sealed copy being sent: its name, the buckets and their keys, sorted.
+type Dump = Arc<(String, Vec<(String, Vec<(String, String)>)>)>;
 
 /// This node's side of every move.
 pub struct Mover {
@@ -95,6 +99,8 @@ pub struct Mover {
     dumps: Mutex<HashMap<Vec<u8>, Dump>>,
     /// Imports under way, by their bytes.
     importing: Mutex<BTreeSet<Vec<u8>>>,
+    /// Names the copies this process makes: unique to the process.
+    copies: (u64, std::sync::atomic::AtomicU64),
 }
 
 impl Mover {
@@ -119,6 +125,7 @@ impl Mover {
             sealed: Mutex::default(),
             dumps: Mutex::default(),
             importing: Mutex::default(),
+            copies: (process_tag(), Default::default()),
         });
         tokio::spawn(mover.clone().serve());
         tokio::spawn(mover.clone().reconcile_loop());
@@ -191,10 +198,19 @@ impl Mover {
             let mut dumps = self.dumps.lock();
             dumps
                 .entry(request.bytes.clone())
-                .or_insert_with(|| Arc::new(self.registry.dump(&request.bytes)))
+                .or_insert_with(|| {
+                    let n = self
+                        .copies
+                        .1
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let name = format!("{:x}-{n}", self.copies.0);
+                    Arc::new((name, self.registry.dump(&request.bytes)))
+                })
                 .clone()
         };
-        PageReply::Page(cut_page(&dump, request.from))
+        let mut page = cut_page(&dump.1, request.from);
+        page.copy = dump.0.clone();
+        PageReply::Page(page)
     }
 
     /// Seals `bytes` (once every write let in before is applied).
@@ -359,6 +375,7 @@ impl Mover {
         info!(bytes = %ranges(bytes), from = holder.unwrap_or("nobody"), "moving buckets in");
         if let Some(holder) = holder {
             let mut from = (0, 0);
+            let mut copy: Option<String> = None;
             loop {
                 let state = self.routes.current();
                 if !still(&state) {
@@ -390,6 +407,15 @@ impl Mover {
                 match serde_json::from_slice::<PageReply>(&reply.payload) {
                     Ok(PageReply::Page(page)) => {
                         self.check_page(&page, bytes)?;
+                        if copy.as_ref().is_some_and(|c| *c != page.copy) {
+                            // Another copy: start again from its first page.
+                            debug!(holder, "the holder's copy changed; pulling again");
+                            buckets.clear();
+                            copy = None;
+                            from = (0, 0);
+                            continue;
+                        }
+                        copy = Some(page.copy.clone());
                         for part in page.buckets {
                             match buckets.last_mut() {
                                 Some((name, keys)) if *name == part.bucket => {
@@ -544,6 +570,14 @@ impl Mover {
     }
 }
 
+/// A number no other process is likely to have: its start time and pid.
+fn process_tag() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 40)
+}
+
 fn apply(registry: &Registry, command: Command<&str>) -> Result<(), String> {
     registry
         .apply(command)
@@ -583,6 +617,7 @@ fn cut_page(dump: &[(String, Vec<(String, String)>)], from: (usize, usize)) -> P
         buckets.push(part);
         if k < keys.len() {
             return Page {
+                copy: String::new(),
                 buckets,
                 next: Some((b, k)),
             };
@@ -592,12 +627,14 @@ fn cut_page(dump: &[(String, Vec<(String, String)>)], from: (usize, usize)) -> P
         size += name.len() + 16;
         if size >= PAGE_BYTES && b < dump.len() {
             return Page {
+                copy: String::new(),
                 buckets,
                 next: Some((b, 0)),
             };
         }
     }
     Page {
+        copy: String::new(),
         buckets,
         next: None,
     }
