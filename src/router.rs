@@ -217,13 +217,27 @@ struct Gated {
     answers: oneshot::Sender<Answers>,
 }
 
-/// The queue of held commands. While anything waits in it, every local
-/// command joins it, so that none overtakes one sent before it.
+/// The queue of held commands. While commands for the buckets starting with
+/// a byte wait in it, every later command for those buckets joins it, so
+/// that none overtakes one sent before it; other buckets go on as usual.
 struct Gate {
     tx: mpsc::UnboundedSender<Gated>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<Gated>>>,
-    waiting: AtomicUsize,
+    /// Commands held, by their bucket's first byte.
+    waiting: [AtomicUsize; 256],
     timeout: Duration,
+}
+
+impl Gate {
+    fn slot(&self, bucket: &str) -> &AtomicUsize {
+        &self.waiting[bucket.as_bytes().first().copied().unwrap_or(0) as usize]
+    }
+
+    /// Whether commands for `bucket` are held.
+    #[inline]
+    fn holds(&self, bucket: &str) -> bool {
+        self.slot(bucket).load(Ordering::Acquire) > 0
+    }
 }
 
 /// Decides where each command runs and runs it there.
@@ -259,7 +273,7 @@ impl Router {
             gate: Gate {
                 tx,
                 rx: Mutex::new(Some(rx)),
-                waiting: AtomicUsize::new(0),
+                waiting: std::array::from_fn(|_| AtomicUsize::new(0)),
                 timeout,
             },
         }
@@ -283,7 +297,7 @@ impl Router {
         command: &Command<S>,
         client_waits: impl FnOnce(&Store) -> bool,
     ) -> bool {
-        if self.gate.waiting.load(Ordering::Acquire) > 0 {
+        if self.gate.holds(command.bucket()) {
             return true;
         }
         let Some(store) = &self.store else {
@@ -299,8 +313,9 @@ impl Router {
     /// Queues local commands in the store (a durable node's writes, and the
     /// reads that wait their turn behind them); their answers to come.
     pub async fn store_submit(&self, commands: Vec<Command>) -> Coming {
-        if self.gate.waiting.load(Ordering::Acquire) > 0
-            || commands.iter().any(|c| self.is_moving(c.bucket()))
+        if commands
+            .iter()
+            .any(|c| self.gate.holds(c.bucket()) || self.is_moving(c.bucket()))
         {
             return self.hold(commands, Via::default());
         }
@@ -390,7 +405,7 @@ impl Router {
     /// waiting for the answer. Commands started one after the other take
     /// effect in that order.
     pub async fn start(&self, command: Command, via: Via) -> Started {
-        if self.gate.waiting.load(Ordering::Acquire) > 0 {
+        if self.gate.holds(command.bucket()) {
             return Started::Forwarded(self.hold(vec![command], via));
         }
         self.start_now(command, via).await
@@ -417,7 +432,11 @@ impl Router {
     fn hold(&self, commands: Vec<Command>, via: Via) -> Coming {
         let (answers, rx) = oneshot::channel();
         let len = commands.len();
-        self.gate.waiting.fetch_add(1, Ordering::AcqRel);
+        for command in &commands {
+            self.gate
+                .slot(command.bucket())
+                .fetch_add(1, Ordering::AcqRel);
+        }
         let gated = Gated {
             commands,
             via,
@@ -425,7 +444,11 @@ impl Router {
             answers,
         };
         if let Err(mpsc::error::SendError(gated)) = self.gate.tx.send(gated) {
-            self.gate.waiting.fetch_sub(1, Ordering::AcqRel);
+            for command in &gated.commands {
+                self.gate
+                    .slot(command.bucket())
+                    .fetch_sub(1, Ordering::AcqRel);
+            }
             let _ = gated
                 .answers
                 .send(vec![Err(KvError::internal("stopping")); len]);
@@ -449,14 +472,16 @@ impl Router {
             }
             let mut parts = Vec::with_capacity(gated.commands.len());
             for command in gated.commands {
+                // Counted until started, so that none overtakes it.
+                let first = command.bucket().as_bytes().first().copied().unwrap_or(0);
                 let part = if self.is_moving(command.bucket()) {
                     Started::Done(Err(KvError::moving(command.bucket())))
                 } else {
                     self.start_now(command, gated.via).await
                 };
+                self.gate.waiting[first as usize].fetch_sub(1, Ordering::AcqRel);
                 parts.push(part);
             }
-            self.gate.waiting.fetch_sub(1, Ordering::AcqRel);
             let answers = gated.answers;
             tokio::spawn(async move {
                 let mut all = Vec::with_capacity(parts.len());
