@@ -394,7 +394,7 @@ fn bench(args: BenchArgs) -> ExitCode {
 fn init_tracing(format: LogFormat, quiet: bool) {
     // A one-shot command says only what goes wrong.
     let default = if quiet {
-        "warn,async_nats=off"
+        "error,async_nats=off"
     } else {
         "info,async_nats=off"
     };
