@@ -134,7 +134,10 @@ async fn table_changes_reach_every_node_and_bad_tables_are_ignored() {
     // Bad commands: one clear line, a non-zero exit.
     let (code, _, err) = routes_cli("nats://127.0.0.1:1", &["show"]);
     assert_eq!(code, Some(1));
-    assert_eq!(err, "kvmesh routes: cannot reach NATS at nats://127.0.0.1:1\n");
+    assert_eq!(
+        err,
+        "kvmesh routes: cannot reach NATS at nats://127.0.0.1:1\n"
+    );
     for (args, says) in [
         (vec!["move", "m-a", "foo"], "backwards"),
         (vec!["move", "a-m", "no way"], "bad node name"),
