@@ -256,11 +256,30 @@ impl Keeper {
             Ok(ack) => Sent::of(ack.await, self.replicated()),
             Err(err) => Sent::Refused(err.to_string()),
         };
-        if let Sent::Stored(sequence) = sent {
-            self.fence = self.fence_at(sequence);
-            self.renew_lease(sent_at);
+        match sent {
+            // Stored right after the last change this process holds: its
+            // memory is the whole store.
+            Sent::Stored(sequence) if sequence == seen + 1 => {
+                self.fence = self.fence_at(sequence);
+                self.renew_lease(sent_at);
+                sent
+            }
+            // Stored after changes this process has not loaded (the
+            // expectation was checked against a stream state that was not
+            // the last one): its memory cannot be trusted; it follows the
+            // store and takes over later, like a standby.
+            Sent::Stored(sequence) => {
+                warn!(
+                    seen,
+                    sequence,
+                    "the takeover landed after changes this process had not loaded; following the store before taking over"
+                );
+                Sent::Unknown(format!(
+                    "the takeover landed at sequence {sequence}, after {seen}"
+                ))
+            }
+            other => other,
         }
-        sent
     }
 
     /// Whether the store has several replicas (its writes go in atomic
