@@ -105,6 +105,23 @@ async fn while_jetstream_is_down_writes_are_refused_and_reads_go_on() {
         .await;
     c.exchange("PUT apple k v1", "OK\r\n").await;
     nats.kill();
+    // Until the node has seen its connection go, a write is sent and its
+    // answer cannot come: `outcome unknown` (it may have been stored). Then
+    // every write is refused at once.
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        c.send("PUT apple probe x\r\n").await;
+        let answer = c.read_line().await;
+        if answer == "ERROR store unavailable\r\n" {
+            break;
+        }
+        assert_eq!(answer, "ERROR node foo outcome unknown\r\n");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "writes never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for write in [
         "PUT apple k v2",
         "DELETE apple k",
