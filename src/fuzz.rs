@@ -99,7 +99,7 @@ fn frame_and_answer(input: &[u8], chunks: &[usize], max_line: usize) -> (BytesMu
     let mut rest = input;
     let mut sizes = chunks.iter().cycle();
     let table = RoutingTable::new(Vec::new()).expect("an empty table is valid");
-    let routes = crate::routes::Routes::fixed("local", table);
+    let routes = crate::routes::Routes::new("local", table);
     let timeout = std::time::Duration::from_secs(1);
     let router = Router::new("local", routes, Registry::new(), None, 8, timeout);
     let mut cache = BucketCache::default();

@@ -138,7 +138,7 @@ impl Node {
         let live = config.routes_from == RoutesFrom::Jetstream;
         let (routes, mover) = match &mesh {
             Some(mesh) if live => {
-                let routes = Routes::live(&config.node, table.clone());
+                let routes = Routes::new(&config.node, table.clone());
                 let timeout = Duration::from_millis(config.request_timeout_ms);
                 let kv = routes::live::follow(
                     mesh.client(),
@@ -161,7 +161,7 @@ impl Node {
                 );
                 (routes, Some(mover))
             }
-            _ => (Routes::fixed(&config.node, table), None),
+            _ => (Routes::new(&config.node, table), None),
         };
         if let Some(listing) = &listing {
             listing.set_routes_revision(routes.current().revision);

@@ -629,7 +629,7 @@ mod tests {
     }
 
     fn router(table: RoutingTable) -> Router {
-        let routes = Routes::fixed("foo", table);
+        let routes = Routes::new("foo", table);
         Router::new(
             "foo",
             routes,

@@ -39,22 +39,8 @@ struct RoutesFile {
 /// Runs a `kvmesh routes` command against the NATS of `settings`; what to
 /// print, or the one line saying why it was refused.
 pub async fn run(command: RoutesCommand, settings: &Settings) -> Result<String, String> {
-    let servers = settings
-        .nats_servers
-        .clone()
-        .unwrap_or_else(|| vec![DEFAULT_NATS_URL.to_string()]);
     let timeout = Duration::from_millis(settings.config.request_timeout_ms);
-    let mesh = Mesh::connect(&servers, &settings.config.node, timeout, &settings.security)
-        .await
-        .map_err(|e| e.to_string())?;
-    if !mesh.is_connected() {
-        return Err(format!("cannot reach NATS at {}", servers.join(",")));
-    }
-    let js = live::context(&mesh.client(), timeout);
-    let kv = js
-        .get_key_value(super::ROUTES_BUCKET)
-        .await
-        .map_err(|e| format!("cannot open {}: {e}", super::ROUTES_BUCKET))?;
+    let kv = open_table(settings, timeout).await?;
     match command {
         RoutesCommand::Show => show(&kv).await,
         RoutesCommand::Set(file) => {
@@ -78,19 +64,7 @@ pub async fn run(command: RoutesCommand, settings: &Settings) -> Result<String, 
 /// as one comment line (or why it cannot be read now).
 pub async fn in_force_line(settings: &Settings) -> String {
     let read = async {
-        let servers = settings
-            .nats_servers
-            .clone()
-            .unwrap_or_else(|| vec![DEFAULT_NATS_URL.to_string()]);
-        let timeout = Duration::from_secs(2);
-        let mesh = Mesh::connect(&servers, &settings.config.node, timeout, &settings.security)
-            .await
-            .map_err(|e| e.to_string())?;
-        let js = live::context(&mesh.client(), timeout);
-        let kv = js
-            .get_key_value(super::ROUTES_BUCKET)
-            .await
-            .map_err(|e| format!("cannot open {}: {e}", super::ROUTES_BUCKET))?;
+        let kv = open_table(settings, Duration::from_secs(2)).await?;
         current(&kv).await
     };
     match tokio::time::timeout(Duration::from_secs(3), read).await {
@@ -104,6 +78,25 @@ pub async fn in_force_line(settings: &Settings) -> String {
             "# routes in force: from kvmesh_routes, not readable now (NATS did not answer)\n".into()
         }
     }
+}
+
+/// `kvmesh_routes`, over the NATS of `settings` (the default URL when none
+/// is configured).
+async fn open_table(settings: &Settings, timeout: Duration) -> Result<kv::Store, String> {
+    let servers = settings
+        .nats_servers
+        .clone()
+        .unwrap_or_else(|| vec![DEFAULT_NATS_URL.to_string()]);
+    let mesh = Mesh::connect(&servers, &settings.config.node, timeout, &settings.security)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !mesh.is_connected() {
+        return Err(format!("cannot reach NATS at {}", servers.join(",")));
+    }
+    live::context(&mesh.client(), timeout)
+        .get_key_value(super::ROUTES_BUCKET)
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", super::ROUTES_BUCKET))
 }
 
 /// The table in force and its revision.

@@ -109,38 +109,20 @@ impl RouteState {
 /// change; readers never wait.
 pub struct Routes {
     me: Arc<str>,
-    live: bool,
     state: ArcSwap<RouteState>,
     changed: watch::Sender<u64>,
 }
 
 impl Routes {
-    /// Routes fixed at start: every byte is held by its owner.
-    pub fn fixed(me: &str, table: RoutingTable) -> Arc<Self> {
+    /// Routes starting from `table`, every byte held by its owner: fixed
+    /// for good, or until the live table is read (`live.rs`).
+    pub fn new(me: &str, table: RoutingTable) -> Arc<Self> {
         let state = RouteState::new(me, 0, table.clone(), table);
         Arc::new(Self {
             me: Arc::from(me),
-            live: false,
             state: ArcSwap::from_pointee(state),
             changed: watch::Sender::new(0),
         })
-    }
-
-    /// Routes that will follow `kvmesh_routes`, starting from `table`
-    /// until it is read.
-    pub fn live(me: &str, table: RoutingTable) -> Arc<Self> {
-        let state = RouteState::new(me, 0, table.clone(), table);
-        Arc::new(Self {
-            me: Arc::from(me),
-            live: true,
-            state: ArcSwap::from_pointee(state),
-            changed: watch::Sender::new(0),
-        })
-    }
-
-    /// Whether the table follows JetStream.
-    pub fn is_live(&self) -> bool {
-        self.live
     }
 
     /// This node's name.

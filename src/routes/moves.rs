@@ -226,13 +226,7 @@ impl Mover {
         if missing.is_empty() {
             return true;
         }
-        let done = match &self.store {
-            Some(store) => store.seal(missing.clone(), true).await,
-            None => {
-                self.registry.seal(&missing);
-                true
-            }
-        };
+        let done = self.set_sealed(&missing, true).await;
         if done {
             self.sealed.lock().extend(missing);
         }
@@ -318,13 +312,7 @@ impl Mover {
     }
 
     async fn unseal(&self, bytes: &[u8]) -> bool {
-        let done = match &self.store {
-            Some(store) => store.seal(bytes.to_vec(), false).await,
-            None => {
-                self.registry.unseal(bytes);
-                true
-            }
-        };
+        let done = self.set_sealed(bytes, false).await;
         if done {
             let mut sealed = self.sealed.lock();
             for b in bytes {
@@ -332,6 +320,22 @@ impl Mover {
             }
         }
         done
+    }
+
+    /// Seals or unseals `bytes` in memory (through the store's writer when
+    /// durable, after the writes it let in); whether it was done.
+    async fn set_sealed(&self, bytes: &[u8], seal: bool) -> bool {
+        match &self.store {
+            Some(store) => store.seal(bytes.to_vec(), seal).await,
+            None if seal => {
+                self.registry.seal(bytes);
+                true
+            }
+            None => {
+                self.registry.unseal(bytes);
+                true
+            }
+        }
     }
 
     /// Drops buckets of this node (through the store when durable).
