@@ -84,18 +84,22 @@ async fn start(
     // Until a node records a move, every byte's buckets are where the
     // table first put them.
     create_if_missing(&kv, HELD_KEY, String::from_utf8_lossy(&table).into_owned()).await?;
+    // The stream's last sequence, from its leader: the watch must reach it.
+    let stream = js
+        .get_stream(format!("KV_{ROUTES_BUCKET}"))
+        .await
+        .map_err(|e| format!("cannot read {ROUTES_BUCKET}: {e}"))?;
+    let last = stream.cached_info().state.last_sequence;
     let mut watch = kv
         .watch_with_history(">")
         .await
         .map_err(|e| format!("cannot watch {ROUTES_BUCKET}: {e}"))?;
     let mut current = Current::from(routes);
-    while let Some(entry) = watch.next().await {
-        let entry = entry.map_err(|e| format!("cannot read {ROUTES_BUCKET}: {e}"))?;
-        current.take(&entry);
-        if entry.delta == 0 {
-            break;
-        }
-    }
+    crate::store::read_whole(&mut watch, &stream, ROUTES_BUCKET, last, |entry| {
+        current.take(entry);
+    })
+    .await
+    .map_err(|e| format!("cannot read {ROUTES_BUCKET}: {e}"))?;
     current.put_in_force(routes);
     info!(
         revision = current.revision,

@@ -27,6 +27,81 @@ pub(super) struct Loaded {
     pub watch: kv::Watch,
 }
 
+/// How long reading a KV bucket whole waits for a lagging copy to catch up
+/// before it gives up (and is started again).
+const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads a KV bucket's `watch` (with history) until it has delivered
+/// every change up to `last`, the stream's last sequence when the watch was
+/// made, handing each entry to `take`; returns the last sequence delivered.
+///
+/// A watch reads the copy of one server, and right after a restart (or a
+/// new leader) that copy may be behind the stream: a watch that has run dry
+/// early is asked, of the stream's leader, for the changes it still owes.
+pub(crate) async fn read_whole(
+    watch: &mut kv::Watch,
+    stream: &jetstream::stream::Stream,
+    bucket: &str,
+    last: u64,
+    mut take: impl FnMut(&kv::Entry),
+) -> Result<u64, String> {
+    let mut watched = 0u64;
+    let mut owed = 0u64;
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    loop {
+        let entry = match tokio::time::timeout_at(deadline, watch.next()).await {
+            Ok(Some(entry)) => entry.map_err(|e| e.to_string())?,
+            Ok(None) => return Err("the watch ended".into()),
+            Err(_) => {
+                return Err(format!(
+                    "the copy being read stayed behind the stream (at {watched} of {last})"
+                ));
+            }
+        };
+        watched = watched.max(entry.revision);
+        take(&entry);
+        if entry.delta == 0 && watched >= owed {
+            if watched >= last {
+                return Ok(watched);
+            }
+            match first_change_after(stream, bucket, watched).await? {
+                Some(sequence) => {
+                    if owed == 0 {
+                        info!(
+                            bucket,
+                            read = watched,
+                            stream = last,
+                            "the copy of the KV bucket being read is behind the stream; waiting for it to catch up"
+                        );
+                    }
+                    owed = sequence;
+                }
+                // Nothing after it: the later sequences were removed.
+                None => return Ok(watched),
+            }
+        }
+    }
+}
+
+/// The sequence of the bucket's first change after `after`, as the
+/// stream's leader has it (not a copy that may lag); `None` when there is
+/// none.
+async fn first_change_after(
+    stream: &jetstream::stream::Stream,
+    bucket: &str,
+    after: u64,
+) -> Result<Option<u64>, String> {
+    use jetstream::stream::RawMessageErrorKind;
+    match stream
+        .get_first_raw_message_by_subject(format!("$KV.{bucket}.>"), after + 1)
+        .await
+    {
+        Ok(message) => Ok(Some(message.sequence)),
+        Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(err) => Err(format!("cannot ask the stream's leader: {err}")),
+    }
+}
+
 /// Creates the KV bucket if it is missing (with atomic batches allowed:
 /// writes go in batches, see `writer.rs`), and loads what it holds into
 /// `registry`, replacing what was there.
@@ -68,7 +143,7 @@ pub(super) async fn open_and_load(
             .map_err(|e| format!("cannot read the store: {e}"))?;
     }
     let state = &stream.cached_info().state;
-    let (messages, mut seen) = (state.messages, state.last_sequence);
+    let (messages, last) = (state.messages, state.last_sequence);
     let mut generations: HashMap<u64, String> = HashMap::new();
     let mut entries: Vec<(u64, String, String)> = Vec::new();
     let mut skipped = 0u64;
@@ -77,10 +152,8 @@ pub(super) async fn open_and_load(
         .watch_with_history(">")
         .await
         .map_err(|e| format!("cannot read the store: {e}"))?;
-    if messages > 0 {
-        while let Some(entry) = watch.next().await {
-            let entry = entry.map_err(|e| format!("cannot read the store: {e}"))?;
-            seen = seen.max(entry.revision);
+    let watched = if messages > 0 {
+        read_whole(&mut watch, &stream, name, last, |entry| {
             if entry.operation == kv::Operation::Put {
                 if entry.key == keys::ACTIVE_KEY {
                     holder = String::from_utf8_lossy(&entry.value).into_owned();
@@ -93,11 +166,13 @@ pub(super) async fn open_and_load(
                     skipped += 1;
                 }
             }
-            if entry.delta == 0 {
-                break;
-            }
-        }
-    }
+        })
+        .await
+        .map_err(|e| format!("cannot read the store: {e}"))?
+    } else {
+        0
+    };
+    let seen = watched.max(last);
     registry.clear();
     for (generation, bucket) in &generations {
         registry.create_with_generation(bucket, *generation);
@@ -123,6 +198,7 @@ pub(super) async fn open_and_load(
         store = %name,
         buckets = generations.len(),
         keys = loaded_keys,
+        sequence = seen,
         ms = started.elapsed().as_millis() as u64,
         "store loaded"
     );

@@ -34,6 +34,7 @@ use crate::mesh::{Answers, Coming};
 use crate::registry::Registry;
 
 pub use keys::store_name;
+pub(crate) use load::read_whole;
 pub use role::Role;
 
 /// Commands queued for the store before submitters wait.

@@ -34,7 +34,7 @@ use async_nats::Client;
 use async_nats::jetstream;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::keys::{self, Stored};
 use super::load::{self, Loaded};
@@ -260,6 +260,7 @@ impl Keeper {
             // Stored right after the last change this process holds: its
             // memory is the whole store.
             Sent::Stored(sequence) if sequence == seen + 1 => {
+                debug!(sequence, "took over the store");
                 self.fence = self.fence_at(sequence);
                 self.renew_lease(sent_at);
                 sent

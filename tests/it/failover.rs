@@ -45,6 +45,22 @@ fn active_and_standby(
     (active, standby)
 }
 
+/// The name of the server leading `stream` (`s0`, `s1`, `s2`), asked of
+/// server 0.
+async fn stream_leader(cluster: &NatsCluster, stream: &str) -> String {
+    let js = async_nats::jetstream::new(nats_client(&cluster.servers[0].url()).await);
+    let mut stream = within("get the stream", js.get_stream(stream))
+        .await
+        .expect("the stream");
+    let info = within("stream info", stream.info())
+        .await
+        .expect("stream info");
+    info.cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("a stream leader")
+}
+
 /// Node bar (memory, owns n-z), in this process.
 async fn start_bar(url: &str) -> kvmesh::Node {
     start_bar_with_timeout(url, 2000).await
@@ -273,6 +289,84 @@ async fn a_process_cut_off_from_nats_is_replaced_and_comes_back_as_a_standby() {
             .await;
     }
     bar.shutdown().await;
+}
+
+/// A process loads the store through a consumer that reads one server's
+/// copy of the stream, and right after a restart that copy lags behind. The
+/// process taking over must still hold every acknowledged write: each round
+/// a server is killed, every key is rewritten, the active process hands
+/// over (SIGTERM), the server comes back, and a new process, given only
+/// that server, loads the store and takes over at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_loads_from_a_lagging_server_holds_every_acknowledged_write() {
+    let _heavy = heavy().await;
+    let Some(mut cluster) = NatsCluster::start_jetstream() else {
+        return;
+    };
+    let rounds: usize = std::env::var("FAILOVER_LAG_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    // Each round rewrites every key: the restarted server has a store's
+    // worth of changes to catch up on.
+    const KEYS: usize = 20_000;
+    const WRITES: usize = 20_000;
+    let urls: Vec<String> = cluster.servers.iter().map(|s| s.url()).collect();
+    let mut active = spawn_foo_with(&urls[0], 1000, 3);
+    let mut c = LineClient::connect(active.addr).await;
+    c.eventually("CREATE apple", "OK\r\n").await;
+    let padding = "p".repeat(1000);
+    let mut last = vec![String::new(); KEYS];
+    // The server the active process is given.
+    let (mut lagged, mut used) = (0, 0);
+    for round in 0..rounds {
+        // A server neither the stream's leader (writes go on without a
+        // pause) nor the one the active process uses.
+        let leader = stream_leader(&cluster, "KV_kvmesh_foo").await;
+        let lagging = (0..3)
+            .find(|&i| i != used && format!("s{i}") != leader)
+            .expect("a server to kill");
+        cluster.servers[lagging].kill();
+        for chunk in (0..WRITES).collect::<Vec<_>>().chunks(500) {
+            let mut batch = String::new();
+            for &i in chunk {
+                let value = format!("r{round}-{i}-{padding}");
+                batch.push_str(&format!("PUT apple k{} {value}\r\n", i % KEYS));
+                last[i % KEYS] = value;
+            }
+            c.send(batch).await;
+            for _ in chunk {
+                c.expect("OK\r\n").await;
+            }
+        }
+        assert_eq!(active.stop_with("-TERM"), Some(0));
+        cluster.servers[lagging].restart();
+        active = spawn_foo_with(&urls[lagging], 1000, 3);
+        active.wait_for_log("this process is the active one", 1);
+        used = lagging;
+        c = LineClient::connect(active.addr).await;
+        for chunk in last.iter().enumerate().collect::<Vec<_>>().chunks(500) {
+            let gets: String = chunk
+                .iter()
+                .map(|(key, _)| format!("GET apple k{key}\r\n"))
+                .collect();
+            c.send(gets).await;
+            for (_, value) in chunk {
+                c.expect(&format!("{value}\r\nOK\r\n")).await;
+            }
+        }
+        let behind = active.log().iter().any(|l| l.contains("behind the stream"));
+        lagged += usize::from(behind);
+        eprintln!(
+            "failover: round {round}: loaded after s{lagging} missed {WRITES} writes{}",
+            if behind {
+                ", from a copy that had to catch up"
+            } else {
+                ""
+            }
+        );
+    }
+    eprintln!("failover: {lagged} of {rounds} loads read a copy that lagged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -324,7 +324,10 @@ pub fn clean_command() -> Command {
             cmd.env_remove(key);
         }
     }
-    cmd.env("RUST_LOG", "info");
+    // KVMESH_TEST_RUST_LOG=<filter> sets the processes' log filter
+    // (`kvmesh::store=debug`, say), for a run whose logs are kept.
+    let filter = std::env::var("KVMESH_TEST_RUST_LOG").unwrap_or_else(|_| "info".into());
+    cmd.env("RUST_LOG", filter);
     cmd
 }
 

@@ -164,7 +164,7 @@ impl NatsServer {
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
         let stderr = child.stderr.take().expect("stderr");
         let wants_cluster = args.iter().any(|a| a == "--cluster");
-        let ports = read_ports(stderr, wants_cluster);
+        let ports = read_ports(stderr, child.id(), wants_cluster);
         self.port = ports.client;
         self.monitor_port = ports.monitor;
         self.cluster_port = ports.cluster.or(self.cluster_port);
@@ -238,10 +238,18 @@ impl Drop for NatsServer {
 
 /// Reads the listening ports from the server's log; keeps draining the log in
 /// a thread so the server never blocks on a full pipe.
-fn read_ports(stderr: std::process::ChildStderr, wants_cluster: bool) -> Ports {
+fn read_ports(stderr: std::process::ChildStderr, pid: u32, wants_cluster: bool) -> Ports {
     let (tx, rx) = mpsc::channel();
+    // KVMESH_TEST_LOG_DIR=<dir> keeps every server's log too, in
+    // <dir>/nats-<pid>.log.
+    let mut keep = std::env::var_os("KVMESH_TEST_LOG_DIR").and_then(|dir| {
+        std::fs::File::create(std::path::Path::new(&dir).join(format!("nats-{pid}.log"))).ok()
+    });
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(f) = keep.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
             let port = |marker: &str| {
                 line.split(marker)
                     .nth(1)
