@@ -27,7 +27,7 @@ pub(super) struct Loaded {
     pub watch: kv::Watch,
 }
 
-/// How long reading a KV bucket whole waits for a lagging copy to catch up
+/// How long reading a KV bucket whole waits for its watch's next entry
 /// before it gives up (and is started again).
 const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -47,14 +47,14 @@ pub(crate) async fn read_whole(
 ) -> Result<u64, String> {
     let mut watched = 0u64;
     let mut owed = 0u64;
-    let deadline = tokio::time::Instant::now() + CATCH_UP;
     loop {
-        let entry = match tokio::time::timeout_at(deadline, watch.next()).await {
+        let entry = match tokio::time::timeout(CATCH_UP, watch.next()).await {
             Ok(Some(entry)) => entry.map_err(|e| e.to_string())?,
             Ok(None) => return Err("the watch ended".into()),
             Err(_) => {
                 return Err(format!(
-                    "the copy being read stayed behind the stream (at {watched} of {last})"
+                    "nothing came from the watch for {} s (at sequence {watched} of {last})",
+                    CATCH_UP.as_secs()
                 ));
             }
         };
