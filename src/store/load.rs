@@ -61,11 +61,10 @@ pub(crate) async fn read_whole(
         watched = watched.max(entry.revision);
         take(&entry);
         if entry.delta == 0 && watched >= owed {
-            if watched >= last {
-                return Ok(watched);
-            }
+            // Asked at every load, not only when `watched < last`, so that a
+            // leader that cannot be asked (permissions, say) shows at once.
             match first_change_after(stream, bucket, watched).await? {
-                Some(sequence) => {
+                Some(sequence) if sequence <= last => {
                     if owed == 0 {
                         info!(
                             bucket,
@@ -76,8 +75,9 @@ pub(crate) async fn read_whole(
                     }
                     owed = sequence;
                 }
-                // Nothing after it: the later sequences were removed.
-                None => return Ok(watched),
+                // Nothing the stream held when reading began is missing (a
+                // later change comes through the watch, as it goes on).
+                _ => return Ok(watched),
             }
         }
     }

@@ -211,8 +211,7 @@ impl Keeper {
         // This very process, stepping down after a write whose outcome it
         // could not learn: nobody else has taken over since (the key would
         // name them), and it answers nothing from memory meanwhile.
-        let mine = serde_json::from_str::<serde_json::Value>(&loaded.holder)
-            .is_ok_and(|h| h["process"] == self.options.process.as_str());
+        let mine = self.names_this_process(&loaded.holder);
         if !loaded.holder.is_empty() && !mine {
             let why = format!(
                 "the store names an active process ({}); this one takes over only after {} ms of silence",
@@ -231,11 +230,25 @@ impl Keeper {
             Sent::Stored(_) => Phase::Active {
                 why: "the store was free (new, or handed over)".into(),
             },
-            _ => Phase::Standby {
+            Sent::Deposed => Phase::Standby {
                 loaded: Box::new(loaded),
                 why: "another process took over first".into(),
             },
+            // Nobody else need have taken over: load again and retry soon
+            // (a takeover that did land names this process in the store).
+            Sent::Refused(error) | Sent::Unknown(error) => {
+                tokio::time::sleep(Duration::from_millis(500).min(self.options.timeout)).await;
+                Phase::Reload(format!(
+                    "could not take over the store ({error}); loading it again"
+                ))
+            }
         }
+    }
+
+    /// Whether the `active` key's value names this very process.
+    fn names_this_process(&self, holder: &str) -> bool {
+        serde_json::from_str::<serde_json::Value>(holder)
+            .is_ok_and(|h| h["process"] == self.options.process.as_str())
     }
 
     /// Writes the `active` key naming this process, if `seen` is still the
@@ -323,7 +336,9 @@ impl Keeper {
         } = loaded;
         let failover_after = self.options.failover_after;
         let mut quiet_since = Instant::now();
-        let mut released = holder.is_empty();
+        // Free to take: nobody named, or this very process (a takeover of
+        // its own whose answer did not come).
+        let mut released = holder.is_empty() || self.names_this_process(&holder);
         let mut tick = tokio::time::interval(failover_after / 10);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -334,7 +349,9 @@ impl Keeper {
                         quiet_since = Instant::now();
                         let put = entry.operation == async_nats::jetstream::kv::Operation::Put;
                         match keys::read(&entry.key, put.then_some(&entry.value[..])) {
-                            Some(Stored::Active(holder)) => released = holder.is_empty(),
+                            Some(Stored::Active(holder)) => {
+                                released = holder.is_empty() || self.names_this_process(&holder);
+                            }
                             Some(Stored::Bucket(_, generation)) => {
                                 self.last_generation = self.last_generation.max(generation);
                                 load::follow_change(&self.registry, &mut generations, &entry);
