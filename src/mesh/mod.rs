@@ -48,6 +48,13 @@ pub use serve::{Listing, Serving};
 /// The NATS service name every node registers under.
 pub const SERVICE_NAME: &str = "kvmesh";
 
+/// How long to wait before trying JetStream again after a failed attempt
+/// (loading a store, reading the routing table, taking over): half a
+/// second, or the request timeout when that is shorter.
+pub fn retry_pause(timeout: Duration) -> Duration {
+    Duration::from_millis(500).min(timeout)
+}
+
 /// The subject node `node` serves.
 pub fn node_subject(node: &str) -> String {
     format!("kv.node.{node}")

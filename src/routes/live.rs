@@ -61,7 +61,7 @@ pub async fn follow(
             Err(err) => {
                 attempt += 1;
                 warn!(%err, attempt, "cannot read the routing table from JetStream; retrying (nothing is answered until it is read)");
-                tokio::time::sleep(Duration::from_millis(500).min(timeout)).await;
+                tokio::time::sleep(crate::mesh::retry_pause(timeout)).await;
             }
         }
     }

@@ -28,7 +28,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_nats::Client;
 use async_nats::jetstream;
@@ -194,7 +194,7 @@ impl Keeper {
                         attempt,
                         "cannot load the store from JetStream; retrying (nothing is answered until it is loaded)"
                     );
-                    tokio::time::sleep(Duration::from_millis(500).min(self.options.timeout)).await;
+                    tokio::time::sleep(crate::mesh::retry_pause(self.options.timeout)).await;
                 }
             }
         }
@@ -237,7 +237,7 @@ impl Keeper {
             // Nobody else need have taken over: load again and retry soon
             // (a takeover that did land names this process in the store).
             Sent::Refused(error) | Sent::Unknown(error) => {
-                tokio::time::sleep(Duration::from_millis(500).min(self.options.timeout)).await;
+                tokio::time::sleep(crate::mesh::retry_pause(self.options.timeout)).await;
                 Phase::Reload(format!(
                     "could not take over the store ({error}); loading it again"
                 ))
@@ -269,31 +269,12 @@ impl Keeper {
             Ok(ack) => Sent::of(ack.await, self.replicated()),
             Err(err) => Sent::Refused(err.to_string()),
         };
-        match sent {
-            // Stored right after the last change this process holds: its
-            // memory is the whole store.
-            Sent::Stored(sequence) if sequence == seen + 1 => {
-                debug!(sequence, "took over the store");
-                self.fence = self.fence_at(sequence);
-                self.renew_lease(sent_at);
-                sent
-            }
-            // Stored after changes this process has not loaded (the
-            // expectation was checked against a stream state that was not
-            // the last one): its memory cannot be trusted; it follows the
-            // store and takes over later, like a standby.
-            Sent::Stored(sequence) => {
-                warn!(
-                    seen,
-                    sequence,
-                    "the takeover landed after changes this process had not loaded; following the store before taking over"
-                );
-                Sent::Unknown(format!(
-                    "the takeover landed at sequence {sequence}, after {seen}"
-                ))
-            }
-            other => other,
+        if let Sent::Stored(sequence) = sent {
+            debug!(sequence, "took over the store");
+            self.fence = self.fence_at(sequence);
+            self.renew_lease(sent_at);
         }
+        sent
     }
 
     /// Whether the store has several replicas (its writes go in atomic

@@ -365,11 +365,11 @@ impl Keeper {
     /// message was stored; reads from memory unless this process may no
     /// longer trust it.
     fn answer_batch(&mut self, pending: &mut Pending, flight: Flight, outcomes: &[Sent]) {
+        if outcomes.iter().any(|o| matches!(o, Sent::Stored(_))) {
+            self.renew_lease(flight.sent_at);
+        }
         if let Some(Sent::Stored(sequence)) = outcomes.last() {
-            self.renew_lease(flight.sent_at);
             debug!(sequence, messages = outcomes.len(), "batch stored");
-        } else if outcomes.iter().any(|o| matches!(o, Sent::Stored(_))) {
-            self.renew_lease(flight.sent_at);
         }
         let poisoned = outcomes.iter().any(Sent::poisons);
         for (slot, planned) in flight.batch.items {
