@@ -304,3 +304,75 @@ async fn a_write_whose_outcome_is_unknown_makes_the_node_reload_and_go_on() {
     c.exchange("GET apple k", "after\r\nOK\r\n").await;
     foo.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_jetstream_refuses_changes_nothing_and_the_writes_behind_it_go_on() {
+    let Some(nats) = NatsServer::start_jetstream() else {
+        return;
+    };
+    let mut config = mesh_config("foo", FOO_BAR, &nats.url());
+    config.durability = Durability::Jetstream;
+    config.failover_after_ms = 60_000;
+    let foo = start_node(config.clone()).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.eventually("CREATE apple", "OK\r\n").await;
+    c.exchange("PUT apple k before", "OK\r\n").await;
+    // The store refuses messages over 300 bytes from now on.
+    let js = async_nats::jetstream::new(nats_client(&nats.url()).await);
+    let stream = within("get the store", js.get_stream("KV_kvmesh_foo"))
+        .await
+        .expect("the store");
+    let mut limited = stream.cached_info().config.clone();
+    limited.max_message_size = 300;
+    within("limit the store", js.update_stream(limited))
+        .await
+        .expect("the store limited");
+    let kv = within("the store as KV", js.get_key_value("kvmesh_foo"))
+        .await
+        .expect("the KV bucket");
+    let takeover = within("the active key", kv.entry("active"))
+        .await
+        .expect("read the active key")
+        .expect("an active key")
+        .revision;
+    // One pipelined send: the big write and those behind it travel
+    // together.
+    let big = "x".repeat(400);
+    let mut writes = format!("PUT apple big {big}\r\n");
+    for i in 0..20 {
+        writes.push_str(&format!("PUT apple k v{i}\r\n"));
+    }
+    c.send(writes).await;
+    assert_eq!(c.read_line().await, "ERROR store unavailable\r\n");
+    let mut acknowledged = "before".to_string();
+    for i in 0..20 {
+        match c.read_line().await.as_str() {
+            "OK\r\n" => acknowledged = format!("v{i}"),
+            "ERROR store unavailable\r\n" => {}
+            other => panic!("PUT apple k v{i} answered {other:?}"),
+        }
+    }
+    // Memory holds exactly what was acknowledged, and the next write is
+    // stored at once: the process is still the active one, without having
+    // loaded its store again and taken over anew (a refusal says nothing
+    // about who owns the store).
+    c.exchange("GET apple k", &format!("{acknowledged}\r\nOK\r\n"))
+        .await;
+    c.exchange("GET apple big", "\r\nOK\r\n").await;
+    c.exchange("PUT apple k after", "OK\r\n").await;
+    let active = within("the active key", kv.entry("active"))
+        .await
+        .expect("read the active key")
+        .expect("an active key");
+    assert_eq!(
+        active.revision, takeover,
+        "the node took over its store again"
+    );
+    foo.shutdown().await;
+    // The store holds what was acknowledged, and nothing refused.
+    let foo = start_node(config).await;
+    let mut c = LineClient::connect(foo.local_addr()).await;
+    c.exchange("GET apple k", "after\r\nOK\r\n").await;
+    c.exchange("GET apple big", "\r\nOK\r\n").await;
+    foo.shutdown().await;
+}
