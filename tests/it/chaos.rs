@@ -310,15 +310,15 @@ async fn the_mesh_survives_chaos_without_losing_an_acknowledged_write() {
 }
 
 /// A process of the durable chaos meshes (foo owns a-m, bar n-z): `gw` in
-/// memory, owning nothing; foo and bar durable with three replicas, taking
-/// over after one second of silence when they run as several processes.
-fn spawn_durable_mesh_process(urls: &str, node: &str) -> Process {
+/// memory, owning nothing; foo and bar durable with `replicas`, taking over
+/// after one second of silence when they run as several processes.
+fn spawn_durable_mesh_process(urls: &str, node: &str, replicas: u32) -> Process {
     spawn_foo_bar_process(
         urls,
         node,
         &[
             ("KVMESH_REQUEST_TIMEOUT_MS", "1500"),
-            ("KVMESH_REPLICAS", "3"),
+            ("KVMESH_REPLICAS", &replicas.to_string()),
         ],
     )
 }
@@ -328,10 +328,11 @@ fn spawn_durable_mesh_process(urls: &str, node: &str) -> Process {
 async fn start_durable_mesh(
     urls: &str,
     names: &[&str],
+    replicas: u32,
 ) -> (Vec<Process>, Vec<Arc<Mutex<SocketAddr>>>) {
     let procs: Vec<Process> = names
         .iter()
-        .map(|n| spawn_durable_mesh_process(urls, n))
+        .map(|n| spawn_durable_mesh_process(urls, n, replicas))
         .collect();
     let addrs = procs.iter().map(|p| Arc::new(Mutex::new(p.addr))).collect();
     let gw = procs.last().expect("gw").addr;
@@ -370,9 +371,9 @@ async fn a_durable_mesh_survives_chaos_without_losing_an_acknowledged_write() {
     let urls = cluster.urls();
     // foo and bar own a-m and n-z, durable with three replicas; gw owns
     // nothing. All three are processes, killed (-9) and restarted at random.
-    let spawn = |node: &str| spawn_durable_mesh_process(&urls, node);
+    let spawn = |node: &str| spawn_durable_mesh_process(&urls, node, 3);
     let names = ["foo", "bar", "gw"];
-    let (mut procs, addrs) = start_durable_mesh(&urls, &names).await;
+    let (mut procs, addrs) = start_durable_mesh(&urls, &names, 3).await;
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Counts {
         answers: Arc::new(AtomicU64::new(0)),
@@ -420,19 +421,31 @@ async fn a_durable_mesh_survives_chaos_without_losing_an_acknowledged_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_nodes_with_standbys_survive_chaos_without_split_brain() {
+    failover_chaos("failover chaos", 3).await;
+}
+
+/// The same on stores of one replica, whose writes travel one by one, many
+/// on their way at once, rather than in atomic batches; a NATS server killed
+/// takes the stores it holds away until it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_nodes_with_standbys_on_one_replica_survive_chaos_without_split_brain() {
+    failover_chaos("one-replica failover chaos", 1).await;
+}
+
+async fn failover_chaos(name: &str, replicas: u32) {
     let _heavy = heavy().await;
     let Some(mut cluster) = NatsCluster::start_jetstream() else {
         return;
     };
-    let (seed, seconds) = chaos_settings("failover chaos");
+    let (seed, seconds) = chaos_settings(name);
     let urls = cluster.urls();
     // foo and bar own a-m and n-z, each as two durable processes (one
-    // active, one standby) with three replicas; gw owns nothing. The durable
+    // active, one standby) with `replicas`; gw owns nothing. The durable
     // processes are killed (-9), paused past the failover time and resumed,
     // and restarted at random, and NATS servers are killed too.
-    let spawn = |node: &str| spawn_durable_mesh_process(&urls, node);
+    let spawn = |node: &str| spawn_durable_mesh_process(&urls, node, replicas);
     let names = ["foo", "foo", "bar", "bar", "gw"];
-    let (mut procs, addrs) = start_durable_mesh(&urls, &names).await;
+    let (mut procs, addrs) = start_durable_mesh(&urls, &names, replicas).await;
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Counts {
         answers: Arc::new(AtomicU64::new(0)),
@@ -448,7 +461,7 @@ async fn durable_nodes_with_standbys_survive_chaos_without_split_brain() {
         let i = rng.below(4) as usize;
         match rng.below(5) {
             0 | 1 => {
-                eprintln!("failover chaos: kill -9 {} (process {i})", names[i]);
+                eprintln!("{name}: kill -9 {} (process {i})", names[i]);
                 procs[i].kill();
                 tokio::time::sleep(Duration::from_millis(200 + rng.below(1500))).await;
                 procs[i] = spawn(names[i]);
@@ -457,17 +470,14 @@ async fn durable_nodes_with_standbys_survive_chaos_without_split_brain() {
             }
             2 | 3 => {
                 let pause = 500 + rng.below(2500);
-                eprintln!(
-                    "failover chaos: SIGSTOP {} (process {i}) for {pause} ms",
-                    names[i]
-                );
+                eprintln!("{name}: SIGSTOP {} (process {i}) for {pause} ms", names[i]);
                 procs[i].signal("-STOP");
                 tokio::time::sleep(Duration::from_millis(pause)).await;
                 procs[i].signal("-CONT");
                 pauses += 1;
             }
             _ => {
-                kill_a_nats_server(&mut cluster, &mut rng, "failover chaos").await;
+                kill_a_nats_server(&mut cluster, &mut rng, name).await;
                 nats_kills += 1;
             }
         }
@@ -492,7 +502,7 @@ async fn durable_nodes_with_standbys_survive_chaos_without_split_brain() {
     let now: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
     let checked = verify(&models, &now).await;
     eprintln!(
-        "failover chaos: {kills} kills, {pauses} pauses, {nats_kills} NATS servers killed; {} answers ({} explicit errors), {checked} reads checked",
+        "{name}: {kills} kills, {pauses} pauses, {nats_kills} NATS servers killed; {} answers ({} explicit errors), {checked} reads checked",
         counts.answers.load(Ordering::Relaxed),
         counts.errors.load(Ordering::Relaxed)
     );

@@ -24,6 +24,13 @@ fn spawn_durable_foo(url: &str) -> Process {
     spawn_kvmesh_with(cmd, &["--node", "foo", "--nats-url", url])
 }
 
+/// foo as a durable node in this process, on NATS at `url`.
+fn durable_foo(routes: &[(&str, &str)], url: &str) -> kvmesh::config::Config {
+    let mut config = mesh_config("foo", routes, url);
+    config.durability = Durability::Jetstream;
+    config
+}
+
 /// The buckets the model clients write.
 const BUCKETS: [&str; 2] = ["apple", "avocado"];
 
@@ -93,8 +100,7 @@ async fn while_jetstream_is_down_writes_are_refused_and_reads_go_on() {
     let Some(mut nats) = NatsServer::start_jetstream() else {
         return;
     };
-    let mut config = mesh_config("foo", FOO_BAR, &nats.url());
-    config.durability = Durability::Jetstream;
+    let mut config = durable_foo(FOO_BAR, &nats.url());
     config.request_timeout_ms = 2000;
     let foo = start_node(config.clone()).await;
     let mut c = LineClient::connect(foo.local_addr()).await;
@@ -165,8 +171,7 @@ async fn names_with_any_bytes_are_stored_and_come_back() {
     let Some(nats) = NatsServer::start_jetstream() else {
         return;
     };
-    let mut config = mesh_config("foo", &[("*", "foo")], &nats.url());
-    config.durability = Durability::Jetstream;
+    let config = durable_foo(&[("*", "foo")], &nats.url());
     let foo = start_node(config.clone()).await;
     let mut c = LineClient::connect(foo.local_addr()).await;
     let names = ["a.b", "*", ">", "x=y/z", "\u{e9}t\u{e9}", "k\u{1}", "_-"];
@@ -194,8 +199,7 @@ async fn with_three_replicas_a_nats_server_killed_under_load_loses_nothing() {
     let Some(mut cluster) = NatsCluster::start_jetstream() else {
         return;
     };
-    let mut config = mesh_config("foo", &[("*", "foo")], &cluster.urls());
-    config.durability = Durability::Jetstream;
+    let mut config = durable_foo(&[("*", "foo")], &cluster.urls());
     config.replicas = 3;
     config.request_timeout_ms = 3000;
     let foo = start_node(config.clone()).await;
@@ -282,8 +286,7 @@ async fn a_write_whose_outcome_is_unknown_makes_the_node_reload_and_go_on() {
     };
     // A minute of failover time: only the node's own quick retake (nobody
     // else can have taken over its store) lets writes work again soon.
-    let mut config = mesh_config("foo", FOO_BAR, &nats.url());
-    config.durability = Durability::Jetstream;
+    let mut config = durable_foo(FOO_BAR, &nats.url());
     config.request_timeout_ms = 1000;
     config.failover_after_ms = 60_000;
     let foo = start_node(config).await;
@@ -310,8 +313,7 @@ async fn a_write_jetstream_refuses_changes_nothing_and_the_writes_behind_it_go_o
     let Some(nats) = NatsServer::start_jetstream() else {
         return;
     };
-    let mut config = mesh_config("foo", FOO_BAR, &nats.url());
-    config.durability = Durability::Jetstream;
+    let mut config = durable_foo(FOO_BAR, &nats.url());
     config.failover_after_ms = 60_000;
     let foo = start_node(config.clone()).await;
     let mut c = LineClient::connect(foo.local_addr()).await;
