@@ -31,6 +31,25 @@ fn durable_foo(routes: &[(&str, &str)], url: &str) -> kvmesh::config::Config {
     config
 }
 
+/// foo alone on NATS at `url`, with a minute of failover time: no other
+/// process can take its store over, so only its own quick retake (after it
+/// loads the store again) lets writes work again soon.
+fn lone_durable_foo(url: &str) -> kvmesh::config::Config {
+    let mut config = durable_foo(FOO_BAR, url);
+    config.failover_after_ms = 60_000;
+    config
+}
+
+/// The revision of the `active` key of foo's store: it moves on with every
+/// takeover.
+async fn takeover_revision(kv: &async_nats::jetstream::kv::Store) -> u64 {
+    within("the active key", kv.entry("active"))
+        .await
+        .expect("read the active key")
+        .expect("an active key")
+        .revision
+}
+
 /// The buckets the model clients write.
 const BUCKETS: [&str; 2] = ["apple", "avocado"];
 
@@ -284,11 +303,8 @@ async fn a_write_whose_outcome_is_unknown_makes_the_node_reload_and_go_on() {
     let Some(nats) = NatsServer::start_jetstream() else {
         return;
     };
-    // A minute of failover time: only the node's own quick retake (nobody
-    // else can have taken over its store) lets writes work again soon.
-    let mut config = durable_foo(FOO_BAR, &nats.url());
+    let mut config = lone_durable_foo(&nats.url());
     config.request_timeout_ms = 1000;
-    config.failover_after_ms = 60_000;
     let foo = start_node(config).await;
     let mut c = LineClient::connect(foo.local_addr()).await;
     // On a busy machine the node's first takeover may not be answered in
@@ -313,8 +329,7 @@ async fn a_write_jetstream_refuses_changes_nothing_and_the_writes_behind_it_go_o
     let Some(nats) = NatsServer::start_jetstream() else {
         return;
     };
-    let mut config = durable_foo(FOO_BAR, &nats.url());
-    config.failover_after_ms = 60_000;
+    let config = lone_durable_foo(&nats.url());
     let foo = start_node(config.clone()).await;
     let mut c = LineClient::connect(foo.local_addr()).await;
     c.eventually("CREATE apple", "OK\r\n").await;
@@ -332,11 +347,7 @@ async fn a_write_jetstream_refuses_changes_nothing_and_the_writes_behind_it_go_o
     let kv = within("the store as KV", js.get_key_value("kvmesh_foo"))
         .await
         .expect("the KV bucket");
-    let takeover = within("the active key", kv.entry("active"))
-        .await
-        .expect("read the active key")
-        .expect("an active key")
-        .revision;
+    let takeover = takeover_revision(&kv).await;
     // One pipelined send: the big write and those behind it travel
     // together.
     let big = "x".repeat(400);
@@ -362,12 +373,9 @@ async fn a_write_jetstream_refuses_changes_nothing_and_the_writes_behind_it_go_o
         .await;
     c.exchange("GET apple big", "\r\nOK\r\n").await;
     c.exchange("PUT apple k after", "OK\r\n").await;
-    let active = within("the active key", kv.entry("active"))
-        .await
-        .expect("read the active key")
-        .expect("an active key");
     assert_eq!(
-        active.revision, takeover,
+        takeover_revision(&kv).await,
+        takeover,
         "the node took over its store again"
     );
     foo.shutdown().await;
