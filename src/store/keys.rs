@@ -26,17 +26,18 @@ pub fn store_name(node: &str) -> String {
 }
 
 /// A name as a KV key token: `A-Z a-z 0-9 - _` as they are, every other byte
-/// as `=XX`.
-pub fn encode(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
+/// as `=XX`, onto the end of `out`.
+fn encode_into(out: &mut String, name: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for byte in name.bytes() {
         if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
             out.push(byte as char);
         } else {
-            out.push_str(&format!("={byte:02X}"));
+            out.push('=');
+            out.push(HEX[usize::from(byte >> 4)] as char);
+            out.push(HEX[usize::from(byte & 15)] as char);
         }
     }
-    out
 }
 
 /// The name a key token stands for, if it is one [`encode`] makes.
@@ -57,11 +58,22 @@ pub fn decode(token: &str) -> Option<String> {
 }
 
 pub fn bucket_key(bucket: &str) -> String {
-    format!("b.{}", encode(bucket))
+    let mut out = String::with_capacity(2 + bucket.len());
+    out.push_str("b.");
+    encode_into(&mut out, bucket);
+    out
 }
 
+/// Built without the formatting machinery: this is on every write's path.
 pub fn entry_key(generation: u64, key: &str) -> String {
-    format!("k.{generation}.{}", encode(key))
+    let mut digits = itoa::Buffer::new();
+    let generation = digits.format(generation);
+    let mut out = String::with_capacity(3 + generation.len() + key.len());
+    out.push_str("k.");
+    out.push_str(generation);
+    out.push('.');
+    encode_into(&mut out, key);
+    out
 }
 
 /// What one stored KV key is, once read.
@@ -181,7 +193,11 @@ mod tests {
             ("\u{1}", "=01"),
             ("Milk_2-b", "Milk_2-b"),
         ] {
-            assert_eq!(encode(name), token);
+            let mut encoded = String::new();
+            encode_into(&mut encoded, name);
+            assert_eq!(encoded, token);
+            assert_eq!(entry_key(17, name), format!("k.17.{token}"));
+            assert_eq!(bucket_key(name), format!("b.{token}"));
             assert_eq!(decode(token).as_deref(), Some(name));
             assert!(
                 token

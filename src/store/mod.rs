@@ -16,6 +16,7 @@
 //! was written to the store since the writer's previous batch: a process
 //! that another has replaced can never store one more write.
 
+mod acks;
 mod keys;
 mod load;
 mod role;

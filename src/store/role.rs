@@ -36,6 +36,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::acks::Acks;
 use super::keys::{self, Stored};
 use super::load::{self, Loaded};
 use super::writer::{Outgoing, Sent};
@@ -94,6 +95,8 @@ pub(super) struct Keeper {
     /// The fence every write carries (see `writer.rs`): made once per
     /// takeover, not once per write.
     pub fence: async_nats::HeaderMap,
+    /// The subscription the writes' acknowledgements come on.
+    pub acks: Option<Acks>,
 }
 
 impl Keeper {
@@ -118,6 +121,7 @@ impl Keeper {
             last_generation: 0,
             batches: 0,
             fence: async_nats::HeaderMap::new(),
+            acks: None,
         }
     }
 

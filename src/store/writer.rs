@@ -16,7 +16,7 @@
 //! A CREATE or DROP ends its batch, and the next batch waits until it is
 //! applied: whether a bucket exists decides what the writes after it do.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -28,9 +28,11 @@ use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
+use hashbrown::HashMap;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
+use super::acks::{Acks, FENCE_IN_PROCESS};
 use super::keys::{self, bucket_key, entry_key};
 use super::role::{Keeper, Phase};
 use super::{Job, Shared};
@@ -115,11 +117,6 @@ impl Sent {
         matches!(self, Sent::Deposed | Sent::Unknown(_))
     }
 }
-
-/// JetStream's error code when a replicated stream refuses a fenced
-/// message because another one is still being agreed on: checked before
-/// anything is proposed, so certainly not stored.
-const FENCE_IN_PROCESS: u64 = 10164;
 
 /// Whether a JetStream error is a refusal made before anything was proposed.
 fn is_refusal(err: &PublishError) -> bool {
@@ -565,14 +562,28 @@ impl Keeper {
         let refused = |why: String| -> Outcomes {
             Box::pin(std::future::ready(vec![Sent::Refused(why); count]))
         };
+        if count == 0 {
+            // Reads alone, under a lease: nothing to wait for.
+            return Box::pin(std::future::ready(Vec::new()));
+        }
         // While disconnected the client would hold the messages until they
         // time out: refuse at once instead.
         if !self.shared.connected() {
             return refused("not connected to NATS".into());
         }
+        if !self.acks.as_ref().is_some_and(Acks::is_open) {
+            match Acks::subscribe(&self.client, self.replicated()).await {
+                Ok(acks) => self.acks = Some(acks),
+                Err(err) => return refused(err),
+            }
+        }
+        let Some(acks) = self.acks.as_mut() else {
+            return refused("no subscription for acknowledgements".into());
+        };
+        // Before publishing: no acknowledgement can come first.
+        let expected = acks.expect(count, atomic);
         self.batches += 1;
         let id = format!("{}-{}", self.options.process, self.batches);
-        let mut acks = Vec::with_capacity(if atomic { 1 } else { count });
         for (i, message) in messages.into_iter().enumerate() {
             let mut headers = self.fence.clone();
             if message.delete {
@@ -586,46 +597,34 @@ impl Keeper {
                     headers.insert("Nats-Batch-Commit", "1");
                 }
             }
-            let subject = format!("{}{}", self.prefix, message.key);
-            if atomic && !last {
+            let mut subject = String::with_capacity(self.prefix.len() + message.key.len());
+            subject.push_str(&self.prefix);
+            subject.push_str(&message.key);
+            let published = if atomic && !last {
                 // Stored with the commit, or not at all.
-                if let Err(err) = self
-                    .client
+                self.client
                     .publish_with_headers(subject, headers, message.value)
                     .await
-                {
-                    return refused(err.to_string());
-                }
-                continue;
-            }
-            match self
-                .js
-                .publish_with_headers(subject, headers, message.value)
-                .await
-            {
-                Ok(ack) => acks.push(Some(ack)),
+            } else {
+                self.client
+                    .publish_with_reply_and_headers(
+                        subject,
+                        expected.reply(i),
+                        headers,
+                        message.value,
+                    )
+                    .await
+            };
+            match published {
+                Ok(()) => {}
                 Err(err) if atomic => return refused(err.to_string()),
                 Err(err) => {
                     debug!(error = %err, "could not publish a write");
-                    acks.push(None);
+                    expected.not_published(i, &err.to_string());
                 }
             }
         }
-        Box::pin(async move {
-            let mut outcomes = Vec::with_capacity(count);
-            for ack in acks {
-                let sent = match ack {
-                    Some(ack) => Sent::of(ack.await, atomic),
-                    None => Sent::Refused("not published".into()),
-                };
-                if atomic {
-                    outcomes.resize(count, sent);
-                    break;
-                }
-                outcomes.push(sent);
-            }
-            outcomes
-        })
+        Box::pin(expected.outcomes(self.options.timeout))
     }
 
     /// The fence every write carries once this process has taken over at

@@ -42,7 +42,9 @@ fn routes_cli(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
         .args(args)
         .args(["--nats-url", url])
         .env_remove("KVMESH_CONFIG")
-        .env_remove("KVMESH_ROUTES");
+        .env_remove("KVMESH_ROUTES")
+        .env_remove("KVMESH_TEST_LOG_DIR")
+        .env_remove("KVMESH_TEST_RUST_LOG");
     run(&mut cmd)
 }
 
