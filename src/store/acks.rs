@@ -62,6 +62,8 @@ impl Drop for Acks {
 /// One batch's acknowledgements to come.
 pub(super) struct Expected {
     id: u64,
+    /// Messages in the batch: as many outcomes come back, whatever happens.
+    count: usize,
     prefix: String,
     waiting: Table,
     rx: oneshot::Receiver<Vec<Option<Sent>>>,
@@ -111,6 +113,7 @@ impl Acks {
         }
         Expected {
             id: self.next,
+            count,
             prefix: self.prefix.clone(),
             waiting: self.waiting.clone(),
             rx,
@@ -156,11 +159,10 @@ impl Expected {
             },
         };
         let why = "no acknowledgement from JetStream in time";
-        let count = known.len();
         known
             .into_iter()
             .chain(std::iter::repeat(None))
-            .take(count)
+            .take(self.count)
             .map(|o| o.unwrap_or_else(|| Sent::Unknown(why.into())))
             .collect()
     }
