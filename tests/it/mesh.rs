@@ -657,8 +657,17 @@ async fn routing_survives_losing_the_cluster_server_a_node_is_on() {
         return;
     };
     let urls = cluster.urls();
-    let foo = start_node(mesh_config("foo", FOO_BAR, &urls)).await;
-    let bar = start_node(mesh_config("bar", FOO_BAR, &urls)).await;
+    // A request sent while the cluster still routes bar's subject to the
+    // dead server gets no answer until the request timeout: keep that well
+    // under the client's patience, so that such a request fails and is
+    // asked again rather than outliving the test's wait for one answer.
+    let config = |name| {
+        let mut config = mesh_config(name, FOO_BAR, &urls);
+        config.request_timeout_ms = 2000;
+        config
+    };
+    let foo = start_node(config("foo")).await;
+    let bar = start_node(config("bar")).await;
     let mut c = LineClient::connect(foo.local_addr()).await;
     c.eventually("CREATE zebra", "OK\r\n").await;
     c.exchange("PUT zebra k v", "OK\r\n").await;
