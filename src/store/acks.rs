@@ -9,28 +9,19 @@
 //! subscribed once; a task files each acknowledgement under its batch, and
 //! a batch's outcomes come back together, with one timer per batch.
 
-use hashbrown::HashMap;
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, Message, StatusCode, Subscriber};
 use futures_util::StreamExt;
+use hashbrown::HashMap;
 use parking_lot::Mutex;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
 use super::writer::Sent;
-
-/// JetStream's error code when an expected last sequence did not match:
-/// the fence refused the write.
-const WRONG_LAST_SEQUENCE: u64 = 10071;
-
-/// JetStream's error code when a replicated stream refuses a fenced
-/// message because another one is still being agreed on: checked before
-/// anything is proposed, so certainly not stored.
-pub(super) const FENCE_IN_PROCESS: u64 = 10164;
 
 /// A batch waiting for its acknowledgements.
 struct Waiting {
@@ -240,35 +231,34 @@ struct AckError<'a> {
 }
 
 impl Sent {
-    /// What an acknowledgement says of its message. As for the client's
-    /// own publish: no responders means no stream (not stored); the fence's
-    /// refusal deposes this process; on a replicated store any other error
-    /// may come after the write was proposed, so its outcome is unknown.
+    /// What an acknowledgement says of its message, as for the client's own
+    /// publish: no responders means no stream (not stored); an error is
+    /// read by its code ([`Sent::of_error`]).
     pub(super) fn of_ack(message: &Message, replicated: bool) -> Sent {
         if message.status == Some(StatusCode::NO_RESPONDERS) {
             return Sent::Refused("no responders: the store's stream is missing".into());
         }
-        let error = |code: Option<u64>, text: String| match code {
-            Some(WRONG_LAST_SEQUENCE) => Sent::Deposed,
-            Some(FENCE_IN_PROCESS) => Sent::Refused(text),
-            _ if replicated => Sent::Unknown(text),
-            _ => Sent::Refused(text),
-        };
         match serde_json::from_slice::<Ack>(&message.payload) {
             Ok(Ack {
                 error: Some(error_body),
                 ..
-            }) => error(
+            }) => Sent::of_error(
                 Some(error_body.err_code),
+                replicated,
                 format!("{} (error {})", error_body.description, error_body.err_code),
             ),
             Ok(Ack {
                 seq: Some(sequence),
                 error: None,
             }) => Sent::Stored(sequence),
-            Ok(_) => error(None, "an acknowledgement without a sequence".into()),
-            Err(err) => error(
+            Ok(_) => Sent::of_error(
                 None,
+                replicated,
+                "an acknowledgement without a sequence".into(),
+            ),
+            Err(err) => Sent::of_error(
+                None,
+                replicated,
                 format!("an acknowledgement that does not parse: {err}"),
             ),
         }

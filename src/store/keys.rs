@@ -40,7 +40,7 @@ fn encode_into(out: &mut String, name: &str) {
     }
 }
 
-/// The name a key token stands for, if it is one [`encode`] makes.
+/// The name a key token stands for, if it is one [`encode_into`] makes.
 pub fn decode(token: &str) -> Option<String> {
     let mut bytes = Vec::with_capacity(token.len());
     let mut rest = token.as_bytes();
