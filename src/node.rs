@@ -193,6 +193,7 @@ impl Node {
             max_line_bytes: config.max_line_bytes,
             max_connections: config.max_connections,
             idle_timeout: config.idle_timeout_secs.map(Duration::from_secs),
+            io_uring: config.io_uring,
             sizes: Limits {
                 max_value_bytes: config.max_value_bytes,
             },

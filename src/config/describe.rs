@@ -19,6 +19,7 @@ const KEYS: &[&str] = &[
     "replicas",
     "failover_after_ms",
     "idle_timeout_secs",
+    "io_uring",
     "routes_from",
     "nats_user",
     "nats_password",

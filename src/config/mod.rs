@@ -71,6 +71,9 @@ pub struct Config {
     /// Close a TCP connection that sends nothing for this long; unset: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_secs: Option<u64>,
+    /// Linux: serve TCP clients from io_uring loops where the kernel allows
+    /// it (else, and when false, on the async runtime).
+    pub io_uring: bool,
     /// Where the routing table comes from: this configuration's `routes`,
     /// or the JetStream KV bucket `kvmesh_routes`, followed live.
     pub routes_from: RoutesFrom,
@@ -156,6 +159,7 @@ impl Default for Config {
             replicas: 1,
             failover_after_ms: 3000,
             idle_timeout_secs: None,
+            io_uring: true,
             routes_from: RoutesFrom::Config,
             routes: None,
             nats_user: None,

@@ -54,8 +54,8 @@ enum Reading {
 
 /// One connection: its input, the answers owed in request order, and the
 /// bytes ready to go out.
-pub(super) struct Connection<'r> {
-    router: &'r Arc<Router>,
+pub(super) struct Connection {
+    router: Arc<Router>,
     limits: ServerLimits,
     buf: BytesMut,
     framer: Framer,
@@ -74,8 +74,8 @@ pub(super) struct Connection<'r> {
     reading: Reading,
 }
 
-impl<'r> Connection<'r> {
-    pub(super) fn new(router: &'r Arc<Router>, limits: ServerLimits) -> Self {
+impl Connection {
+    pub(super) fn new(router: Arc<Router>, limits: ServerLimits) -> Self {
         Self {
             router,
             limits,
@@ -109,6 +109,9 @@ impl<'r> Connection<'r> {
         let idle = self.limits.idle_timeout;
         let idle_timer = tokio::time::sleep(idle.unwrap_or(Duration::MAX));
         tokio::pin!(idle_timer);
+        // A connection answered elsewhere until now may bring answers and
+        // commands of its last read.
+        self.gathered.flush(&self.router, &mut self.owed).await;
         loop {
             let taking = matches!(self.reading, Reading::Open | Reading::Draining);
             if self.unframed && taking && !self.backlogged() {
@@ -192,46 +195,120 @@ impl<'r> Connection<'r> {
 
     /// Answers the complete lines in the buffer, until the backlog is full.
     async fn take_input(&mut self) {
-        loop {
-            if self.backlogged() {
-                break;
-            }
-            let frame = if self.at_eof {
-                self.framer
-                    .next(&self.buf)
-                    .or_else(|| self.framer.rest(&self.buf))
-            } else {
-                self.framer.next(&self.buf)
-            };
-            let Some(frame) = frame else {
-                self.unframed = false;
-                if self.at_eof {
-                    self.reading = Reading::Done;
+        while !self.backlogged() {
+            match self.answer_next() {
+                None => break,
+                Some(Step::Quit) => break,
+                Some(Step::Forward) => self.gathered.flush(&self.router, &mut self.owed).await,
+                Some(Step::Next) if self.gathered.out.len() >= GATHER_BYTES => {
+                    self.gathered.flush(&self.router, &mut self.owed).await
                 }
-                break;
-            };
-            let step = answer_frame(
-                frame,
-                self.router,
-                &self.limits.sizes,
-                &mut self.cache,
-                &mut self.gathered,
-                &self.owed,
-            );
-            match step {
-                Step::Quit => {
-                    self.reading = Reading::Quit;
-                    self.unframed = false;
-                    break;
-                }
-                Step::Forward => self.gathered.flush(self.router, &mut self.owed).await,
-                Step::Next if self.gathered.out.len() >= GATHER_BYTES => {
-                    self.gathered.flush(self.router, &mut self.owed).await
-                }
-                Step::Next => {}
+                Some(Step::Next) => {}
             }
         }
         self.framer.consume(&mut self.buf);
-        self.gathered.flush(self.router, &mut self.owed).await;
+        self.gathered.flush(&self.router, &mut self.owed).await;
+    }
+
+    /// Answers the next complete line of the buffer, if there is one; at
+    /// the end of the lines, notes that nothing is left to frame.
+    fn answer_next(&mut self) -> Option<Step> {
+        let frame = if self.at_eof {
+            self.framer
+                .next(&self.buf)
+                .or_else(|| self.framer.rest(&self.buf))
+        } else {
+            self.framer.next(&self.buf)
+        };
+        let Some(frame) = frame else {
+            self.unframed = false;
+            if self.at_eof {
+                self.reading = Reading::Done;
+            }
+            return None;
+        };
+        let step = answer_frame(
+            frame,
+            &self.router,
+            &self.limits.sizes,
+            &mut self.cache,
+            &mut self.gathered,
+            &self.owed,
+        );
+        if step == Step::Quit {
+            self.reading = Reading::Quit;
+            self.unframed = false;
+        }
+        Some(step)
+    }
+
+    /// For a loop that answers connections without the async runtime
+    /// (`uring`): answers the buffer's lines as long as each is answered
+    /// here and now, until the backlog is full. False when a line needs
+    /// more (another node, the store, `QUIT`, the end of input): the
+    /// connection must then go on in [`Connection::run`], which takes over
+    /// from that line.
+    #[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
+    pub(super) fn answer_here(&mut self) -> bool {
+        if self.at_eof {
+            return false;
+        }
+        while !self.backlogged() {
+            match self.answer_next() {
+                None => break,
+                Some(Step::Next) if !self.gathered.holds_work() => {}
+                Some(_) => {
+                    self.framer.consume(&mut self.buf);
+                    return false;
+                }
+            }
+        }
+        self.framer.consume(&mut self.buf);
+        true
+    }
+
+    /// Whether the buffer may hold lines not answered yet (the backlog was
+    /// full when they were reached).
+    #[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
+    pub(super) fn has_unframed(&self) -> bool {
+        self.unframed
+    }
+
+    /// The answers made so far, to be written.
+    #[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
+    pub(super) fn take_answers(&mut self) -> BytesMut {
+        self.gathered.take_out()
+    }
+
+    /// Answers already due (part of a write that another loop began), to be
+    /// written before any other.
+    #[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
+    pub(super) fn write_first(&mut self, bytes: BytesMut) {
+        debug_assert!(self.out.is_empty());
+        self.out = bytes;
+    }
+
+    /// Room for the next read, at the end of the input buffer (grown as a
+    /// read of the async loop grows it).
+    #[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
+    pub(super) fn read_room(&mut self) -> &mut [std::mem::MaybeUninit<u8>] {
+        if self.buf.capacity() - self.buf.len() < READ_BYTES / 4 {
+            self.buf.reserve(READ_BYTES);
+        }
+        self.buf.spare_capacity_mut()
+    }
+
+    /// Takes `n` bytes read into the room given by [`Connection::read_room`]
+    /// (0: the end of input).
+    ///
+    /// # Safety
+    /// The first `n` bytes of that room must have been written, and the
+    /// buffer not touched since.
+    #[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
+    pub(super) unsafe fn did_read(&mut self, n: usize) {
+        // SAFETY: the caller wrote `n` bytes of the spare capacity.
+        unsafe { self.buf.set_len(self.buf.len() + n) };
+        self.unframed = true;
+        self.at_eof = n == 0;
     }
 }

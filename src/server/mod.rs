@@ -19,8 +19,9 @@ mod connection;
 mod dispatch;
 mod framer;
 mod owed;
+#[cfg(all(target_os = "linux", feature = "uring"))]
+mod uring;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 use crate::command::Limits;
 use crate::protocol;
@@ -52,6 +53,8 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// How long a connection may send nothing before it is closed.
     pub idle_timeout: Option<Duration>,
+    /// Serve connections from io_uring loops where the kernel allows it.
+    pub io_uring: bool,
     /// Name and value limits.
     pub sizes: Limits,
 }
@@ -65,6 +68,19 @@ pub async fn run(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    #[cfg(all(target_os = "linux", feature = "uring"))]
+    let listener = if limits.io_uring && limits.idle_timeout.is_none() {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        match uring::serve(listener, &router, limits, &shutdown, &tracker, threads) {
+            Ok(serving) => return serving.await,
+            Err((listener, err)) => {
+                info!(error = %err, "io_uring is not available; serving connections on the runtime");
+                listener
+            }
+        }
+    } else {
+        listener
+    };
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let accepted = tokio::select! {
@@ -89,7 +105,7 @@ pub async fn run(
                 let span = debug_span!("conn", %peer);
                 tracker.spawn(
                     async move {
-                        serve(stream, peer, &router, limits, shutdown).await;
+                        serve(stream, &router, limits, shutdown).await;
                         drop(permit);
                     }
                     .instrument(span),
@@ -114,8 +130,7 @@ async fn refuse(mut stream: TcpStream) {
 }
 
 async fn serve(
-    mut stream: TcpStream,
-    peer: SocketAddr,
+    stream: TcpStream,
     router: &Arc<Router>,
     limits: ServerLimits,
     shutdown: CancellationToken,
@@ -124,10 +139,19 @@ async fn serve(
     if let Err(err) = stream.set_nodelay(true) {
         debug!(error = %err, "set_nodelay failed");
     }
+    let mut conn = Connection::new(router.clone(), limits);
+    serve_connection(stream, &mut conn, shutdown).await;
+}
+
+/// Runs a connection's loop on the runtime until it closes.
+async fn serve_connection(
+    mut stream: TcpStream,
+    conn: &mut Connection,
+    shutdown: CancellationToken,
+) {
     let (mut rd, mut wr) = stream.split();
-    let mut conn = Connection::new(router, limits);
     match conn.run(&mut rd, &mut wr, &shutdown).await {
-        Ok(()) => debug!(%peer, "closed"),
-        Err(err) => debug!(%peer, error = %err, "closed on error"),
+        Ok(()) => debug!("closed"),
+        Err(err) => debug!(error = %err, "closed on error"),
     }
 }

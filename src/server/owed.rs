@@ -174,12 +174,18 @@ impl Gathered {
     /// The answers written so far. The rest of the buffer stays for the next
     /// ones (both share one allocation), so answering a read costs no
     /// allocation of its own: a new block comes only every few kilobytes.
-    fn take_out(&mut self) -> BytesMut {
+    pub(super) fn take_out(&mut self) -> BytesMut {
         let ready = self.out.split();
         if self.out.capacity() < OUT_MIN_ROOM {
             self.out.reserve(OUT_BLOCK);
         }
         ready
+    }
+
+    /// Whether commands of this read wait to be forwarded (to another node
+    /// or to this node's store).
+    pub(super) fn holds_work(&self) -> bool {
+        !self.groups.is_empty()
     }
 
     /// Whether a command of this read waits for this node's store: a read

@@ -11,6 +11,7 @@ mod chaos;
 mod docs;
 mod durable;
 mod failover;
+mod io;
 mod mesh;
 mod node;
 mod ops;

@@ -1,0 +1,557 @@
+//! TCP clients served from io_uring loops (Linux, feature `uring`, on by
+//! default).
+//!
+//! Without pipelining, a request costs the node one `recv` and one `send`,
+//! and the kernel's side of those is most of a request's cost. Here each
+//! loop thread keeps a ring: it accepts, receives and sends by queueing
+//! operations and learns of all that finished in one system call, so that
+//! one entry into the kernel serves many connections.
+//!
+//! A loop answers what can be answered at once: local buckets, `PING`,
+//! errors. The first line that needs more (another node, the durable store,
+//! `QUIT`, the end of input) hands the connection over to the async runtime,
+//! where [`Connection::run`] takes over from that line with everything read
+//! and answered so far; it stays there. So does every connection when the
+//! node shuts down (the runtime's loop drains it), and every connection of a
+//! node with `idle_timeout_secs` set (the runtime keeps its timers).
+//!
+//! Where the kernel refuses io_uring (containers often do), the node serves
+//! every connection on the async runtime, as it does without the feature.
+
+use std::io::{self, Write};
+use std::net::TcpStream as StdStream;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, debug_span, error, info, warn};
+
+use super::ServerLimits;
+use super::connection::Connection;
+use crate::router::Router;
+
+/// Submission queue entries per ring (completions: twice as many).
+const ENTRIES: u32 = 1024;
+/// Tags of the operations that belong to no connection.
+const ACCEPT: u64 = u64::MAX;
+const WAKE: u64 = u64::MAX - 1;
+const CANCEL: u64 = u64::MAX - 2;
+const RETRY_ACCEPT: u64 = u64::MAX - 3;
+/// A connection's operations are tagged `slot << 1 | SEND`.
+const SEND: u64 = 1;
+/// After running out of file descriptors, accept again after this long.
+const RETRY_AFTER: types::Timespec = types::Timespec::new().nsec(50_000_000);
+
+/// What every loop shares with the accept side of the node.
+struct Shared {
+    router: Arc<Router>,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    handle: Handle,
+    permits: Arc<Semaphore>,
+}
+
+/// Starts `threads` loops on `listener`. Returns the listener untouched when
+/// io_uring cannot be used here; otherwise a future that ends when every
+/// loop has stopped (after `shutdown`, with its connections handed over).
+pub(super) fn serve(
+    listener: TcpListener,
+    router: &Arc<Router>,
+    limits: ServerLimits,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+    threads: usize,
+) -> Result<impl Future<Output = ()> + use<>, (TcpListener, io::Error)> {
+    // A ring belongs to the thread that submits to it, so each loop makes
+    // its own; one made here first tells whether this kernel allows it.
+    if let Err(err) = new_ring() {
+        return Err((listener, err));
+    }
+    let listener = match listener.into_std() {
+        Ok(listener) => listener,
+        Err(err) => {
+            // Not expected; the listener is gone, so serve nothing rather
+            // than guess.
+            error!(error = %err, "could not take the listener from the runtime");
+            return Ok(futures_util::future::Either::Left(std::future::ready(())));
+        }
+    };
+    let shared = Arc::new(Shared {
+        router: router.clone(),
+        limits,
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+        handle: Handle::current(),
+        permits: Arc::new(Semaphore::new(limits.max_connections)),
+    });
+    let mut stopped = Vec::with_capacity(threads);
+    let mut wakers = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let (wake_rx, wake_tx) = match io::pipe() {
+            Ok(pipe) => pipe,
+            Err(err) => {
+                error!(error = %err, "could not make a pipe for an io_uring loop");
+                break;
+            }
+        };
+        let listener = match listener.try_clone() {
+            Ok(listener) => listener,
+            Err(err) => {
+                error!(error = %err, "could not share the listener with an io_uring loop");
+                break;
+            }
+        };
+        let shared = shared.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name(format!("kvmesh-uring-{i}"))
+            .spawn(move || {
+                match new_ring() {
+                    Ok(ring) => {
+                        Loop::new(ring, shared).run(listener.as_raw_fd(), wake_rx.as_raw_fd())
+                    }
+                    Err(err) => error!(error = %err, "could not make an io_uring loop's ring"),
+                }
+                drop(listener);
+                drop(wake_rx);
+                let _ = done_tx.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                stopped.push(done_rx);
+                wakers.push(wake_tx);
+            }
+            Err(err) => {
+                error!(error = %err, "could not start an io_uring loop");
+                break;
+            }
+        }
+    }
+    drop(listener);
+    info!(loops = stopped.len(), "serving connections from io_uring");
+    let shutdown = shutdown.clone();
+    Ok(futures_util::future::Either::Right(async move {
+        shutdown.cancelled().await;
+        for mut waker in wakers {
+            // One byte ends the loop's wait; a loop already gone cannot read it.
+            let _ = waker.write_all(&[1]);
+        }
+        for done in stopped {
+            let _ = done.await;
+        }
+        debug!("io_uring loops stopped");
+    }))
+}
+
+/// A ring of the kind the loop needs: one thread submits, and completions
+/// are delivered when it asks for them (Linux 6.1 on; an older kernel, or
+/// one that forbids io_uring, says no and the runtime serves instead).
+fn new_ring() -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(ENTRIES)
+}
+
+/// One connection of a loop.
+struct Slot {
+    conn: Connection,
+    stream: StdStream,
+    permit: OwnedSemaphorePermit,
+    /// Answers being written, and how much of them is written.
+    sending: BytesMut,
+    sent: usize,
+    /// A receive is in flight (else a send is).
+    receiving: bool,
+}
+
+struct Loop {
+    ring: IoUring,
+    shared: Arc<Shared>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    live: usize,
+    /// The multishot accept (or the timer before the next one) is armed.
+    accepting: bool,
+    stopping: bool,
+    /// The read of the wake-up pipe is armed.
+    waiting_for_wake: bool,
+    wake_buf: [u8; 8],
+}
+
+impl Loop {
+    fn new(ring: IoUring, shared: Arc<Shared>) -> Self {
+        Self {
+            ring,
+            shared,
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            accepting: false,
+            stopping: false,
+            waiting_for_wake: false,
+            wake_buf: [0; 8],
+        }
+    }
+
+    /// Queues an operation, submitting what is queued when the queue is full.
+    fn push(&mut self, entry: &squeue::Entry) {
+        loop {
+            // SAFETY: every buffer an entry points to lives in a slot (or in
+            // the loop) and is neither touched nor freed until the entry's
+            // completion has been taken.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return;
+            }
+            if let Err(err) = self.ring.submit() {
+                debug!(error = %err, "io_uring submit");
+            }
+        }
+    }
+
+    fn arm_accept(&mut self, listener: RawFd) {
+        let accept = opcode::AcceptMulti::new(types::Fd(listener))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(ACCEPT);
+        self.push(&accept);
+        self.accepting = true;
+    }
+
+    fn run(&mut self, listener: RawFd, wake: RawFd) {
+        self.arm_accept(listener);
+        let wake_read = opcode::Read::new(types::Fd(wake), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(WAKE);
+        self.push(&wake_read);
+        let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(256);
+        self.waiting_for_wake = true;
+        while !self.finished() {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(err)
+                    if matches!(
+                        err.raw_os_error(),
+                        Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                    ) => {}
+                Err(err) => {
+                    error!(error = %err, "io_uring loop failed; its connections are closed");
+                    self.abandon();
+                    return;
+                }
+            }
+            done.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for (tag, result, flags) in done.drain(..) {
+                match tag {
+                    ACCEPT => self.accepted(listener, result, flags),
+                    RETRY_ACCEPT => {
+                        self.accepting = false;
+                        if !self.stopping {
+                            self.arm_accept(listener);
+                        }
+                    }
+                    WAKE => {
+                        self.waiting_for_wake = false;
+                        self.stop();
+                    }
+                    CANCEL => {}
+                    tag => {
+                        let slot = (tag >> 1) as usize;
+                        if tag & SEND == SEND {
+                            self.sent(slot, result);
+                        } else {
+                            self.received(slot, result);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stopped, with every connection handed over and nothing in flight.
+    fn finished(&self) -> bool {
+        self.stopping && self.live == 0 && !self.accepting && !self.waiting_for_wake
+    }
+
+    fn accepted(&mut self, listener: RawFd, result: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.accepting = false;
+            if !self.stopping {
+                if matches!(
+                    -result,
+                    libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+                ) {
+                    warn!(error = %io::Error::from_raw_os_error(-result), "accept failed");
+                    let wait = opcode::Timeout::new(&RETRY_AFTER)
+                        .build()
+                        .user_data(RETRY_ACCEPT);
+                    self.push(&wait);
+                    self.accepting = true;
+                } else {
+                    self.arm_accept(listener);
+                }
+            }
+        }
+        if result < 0 {
+            if result != -libc::ECANCELED {
+                debug!(error = %io::Error::from_raw_os_error(-result), "accept failed");
+            }
+            return;
+        }
+        // SAFETY: a new descriptor, owned by nothing else.
+        let stream = unsafe { StdStream::from_raw_fd(result) };
+        if self.stopping {
+            return;
+        }
+        if let Err(err) = stream.set_nodelay(true) {
+            debug!(error = %err, "set_nodelay failed");
+        }
+        let permit = match self.shared.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                debug!("refused: too many connections");
+                let tracker = &self.shared.tracker;
+                tracker.spawn_on(
+                    async move {
+                        if let Ok(stream) = TcpStream::from_std(stream) {
+                            super::refuse(stream).await;
+                        }
+                    },
+                    &self.shared.handle,
+                );
+                return;
+            }
+        };
+        let slot = Slot {
+            conn: Connection::new(self.shared.router.clone(), self.shared.limits),
+            stream,
+            permit,
+            sending: BytesMut::new(),
+            sent: 0,
+            receiving: false,
+        };
+        let at = match self.free.pop() {
+            Some(at) => {
+                self.slots[at] = Some(slot);
+                at
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        };
+        self.live += 1;
+        self.receive(at);
+    }
+
+    fn receive(&mut self, at: usize) {
+        let Some(slot) = self.slots[at].as_mut() else {
+            return;
+        };
+        let room = slot.conn.read_room();
+        let len = room.len().min(u32::MAX as usize) as u32;
+        let recv = opcode::Recv::new(
+            types::Fd(slot.stream.as_raw_fd()),
+            room.as_mut_ptr().cast(),
+            len,
+        )
+        .build()
+        .user_data((at as u64) << 1);
+        slot.receiving = true;
+        self.push(&recv);
+    }
+
+    fn send(&mut self, at: usize) {
+        let Some(slot) = self.slots[at].as_mut() else {
+            return;
+        };
+        let rest = &slot.sending[slot.sent..];
+        let send = opcode::Send::new(
+            types::Fd(slot.stream.as_raw_fd()),
+            rest.as_ptr(),
+            rest.len().min(u32::MAX as usize) as u32,
+        )
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(((at as u64) << 1) | SEND);
+        slot.receiving = false;
+        self.push(&send);
+    }
+
+    fn received(&mut self, at: usize, result: i32) {
+        let Some(slot) = self.slots[at].as_mut() else {
+            return;
+        };
+        if result < 0 {
+            match -result {
+                libc::ECANCELED if self.stopping => self.hand_over(at),
+                libc::EINTR | libc::EAGAIN => self.receive(at),
+                errno => {
+                    debug!(error = %io::Error::from_raw_os_error(errno), "closed on error");
+                    self.close(at);
+                }
+            }
+            return;
+        }
+        // SAFETY: the kernel wrote `result` bytes into the room that
+        // `receive` lent it, and nothing touched the buffer meanwhile.
+        unsafe { slot.conn.did_read(result as usize) };
+        if self.stopping {
+            self.hand_over(at);
+        } else {
+            self.answer(at);
+        }
+    }
+
+    fn sent(&mut self, at: usize, result: i32) {
+        let Some(slot) = self.slots[at].as_mut() else {
+            return;
+        };
+        if result < 0 {
+            match -result {
+                libc::ECANCELED if self.stopping => self.hand_over(at),
+                libc::EINTR | libc::EAGAIN => self.send(at),
+                errno => {
+                    debug!(error = %io::Error::from_raw_os_error(errno), "closed on error");
+                    self.close(at);
+                }
+            }
+            return;
+        }
+        slot.sent += result as usize;
+        if slot.sent < slot.sending.len() {
+            if result == 0 {
+                self.close(at);
+            } else if self.stopping {
+                self.hand_over(at);
+            } else {
+                self.send(at);
+            }
+            return;
+        }
+        slot.sending = BytesMut::new();
+        slot.sent = 0;
+        if self.stopping {
+            self.hand_over(at);
+        } else if slot.conn.has_unframed() {
+            self.answer(at);
+        } else {
+            self.receive(at);
+        }
+    }
+
+    /// Answers what was read: writes the answers, or hands the connection
+    /// over when a line needs more than this loop does.
+    fn answer(&mut self, at: usize) {
+        let Some(slot) = self.slots[at].as_mut() else {
+            return;
+        };
+        if !slot.conn.answer_here() {
+            self.hand_over(at);
+            return;
+        }
+        let answers = slot.conn.take_answers();
+        if answers.is_empty() {
+            self.receive(at);
+        } else {
+            slot.sending = answers;
+            slot.sent = 0;
+            self.send(at);
+        }
+    }
+
+    /// Cancels the accept and every connection's receive or send: each
+    /// connection is then handed over to the runtime, which drains it (and
+    /// closes, after the node's grace period, one whose client does not read).
+    fn stop(&mut self) {
+        self.stopping = true;
+        if self.accepting {
+            for target in [ACCEPT, RETRY_ACCEPT] {
+                let cancel = opcode::AsyncCancel::new(target).build().user_data(CANCEL);
+                self.push(&cancel);
+            }
+        }
+        for at in 0..self.slots.len() {
+            if let Some(slot) = &self.slots[at] {
+                let op = if slot.receiving { 0 } else { SEND };
+                let cancel = opcode::AsyncCancel::new(((at as u64) << 1) | op)
+                    .build()
+                    .user_data(CANCEL);
+                self.push(&cancel);
+            }
+        }
+    }
+
+    /// After the ring failed: operations may still be in flight on the
+    /// slots' buffers, so the buffers are never freed; the connections are
+    /// shut down so that their clients learn of it.
+    fn abandon(&mut self) {
+        for slot in self.slots.drain(..).flatten() {
+            let _ = slot.stream.shutdown(std::net::Shutdown::Both);
+            std::mem::forget(slot);
+        }
+    }
+
+    fn take(&mut self, at: usize) -> Option<Slot> {
+        let slot = self.slots.get_mut(at)?.take()?;
+        self.free.push(at);
+        self.live -= 1;
+        Some(slot)
+    }
+
+    fn close(&mut self, at: usize) {
+        drop(self.take(at));
+    }
+
+    /// The connection goes on in the runtime, from where this loop left it.
+    fn hand_over(&mut self, at: usize) {
+        let Some(Slot {
+            mut conn,
+            stream,
+            permit,
+            mut sending,
+            sent,
+            ..
+        }) = self.take(at)
+        else {
+            return;
+        };
+        if sent < sending.len() {
+            conn.write_first(sending.split_off(sent));
+        }
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+        if let Err(err) = stream.set_nonblocking(true) {
+            debug!(error = %err, "set_nonblocking failed");
+        }
+        let shutdown = self.shared.shutdown.clone();
+        let span = debug_span!("conn", %peer);
+        self.shared.tracker.spawn_on(
+            async move {
+                let stream = match TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(err) => {
+                        debug!(error = %err, "could not hand the connection over");
+                        return;
+                    }
+                };
+                super::serve_connection(stream, &mut conn, shutdown).await;
+                drop(permit);
+            }
+            .instrument(span),
+            &self.shared.handle,
+        );
+    }
+}
