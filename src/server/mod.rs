@@ -4,7 +4,10 @@
 //! - [`connection`]: one connection's loop (read, answer, write, backpressure);
 //! - [`framer`]: bytes into lines of bounded length;
 //! - [`dispatch`]: one line into its answer, or into a command for another node;
-//! - [`owed`]: the answers owed, in request order, some still to come.
+//! - [`owed`]: the answers owed, in request order, some still to come;
+//! - `uring` (Linux): io_uring loops that accept, receive and send for many
+//!   connections per system call, answering what needs no waiting and
+//!   handing a connection to the runtime's loop when a line needs more.
 //!
 //! A connection is one loop that takes input, answers it and writes. Local
 //! commands are answered at once, into the bytes of their read; commands for
@@ -70,7 +73,11 @@ pub async fn run(
 ) {
     #[cfg(all(target_os = "linux", feature = "uring"))]
     let listener = if limits.io_uring && limits.idle_timeout.is_none() {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // One loop per two cores: the kernel does most of a request's work,
+        // partly on other threads' time, and the runtime needs room too. On
+        // two cores, two loops cost a third more CPU per request than one,
+        // with a p99 six times as high (scripts/bench, README).
+        let threads = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
         match uring::serve(listener, &router, limits, &shutdown, &tracker, threads) {
             Ok(serving) => return serving.await,
             Err((listener, err)) => {

@@ -3,7 +3,7 @@
 //!
 //! Without pipelining, a request costs the node one `recv` and one `send`,
 //! and the kernel's side of those is most of a request's cost. Here each
-//! loop thread keeps a ring: it accepts, receives and sends by queueing
+//! loop thread (one per two cores) keeps a ring: it accepts, receives and sends by queueing
 //! operations and learns of all that finished in one system call, so that
 //! one entry into the kernel serves many connections.
 //!
@@ -24,7 +24,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use io_uring::{IoUring, opcode, squeue, types};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -178,7 +178,7 @@ struct Loop {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     live: usize,
-    /// The multishot accept (or the timer before the next one) is armed.
+    /// An accept (or the timer before the next one) is armed.
     accepting: bool,
     stopping: bool,
     /// The read of the wake-up pipe is armed.
@@ -216,11 +216,17 @@ impl Loop {
         }
     }
 
+    /// One connection per accept, so that the loops take turns: the kernel
+    /// gives a multishot accept's connections to one loop alone.
     fn arm_accept(&mut self, listener: RawFd) {
-        let accept = opcode::AcceptMulti::new(types::Fd(listener))
-            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(ACCEPT);
+        let accept = opcode::Accept::new(
+            types::Fd(listener),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+        .build()
+        .user_data(ACCEPT);
         self.push(&accept);
         self.accepting = true;
     }
@@ -231,7 +237,7 @@ impl Loop {
             .build()
             .user_data(WAKE);
         self.push(&wake_read);
-        let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(256);
+        let mut done: Vec<(u64, i32)> = Vec::with_capacity(256);
         self.waiting_for_wake = true;
         while !self.finished() {
             match self.ring.submit_and_wait(1) {
@@ -247,14 +253,10 @@ impl Loop {
                     return;
                 }
             }
-            done.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result(), c.flags())),
-            );
-            for (tag, result, flags) in done.drain(..) {
+            done.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            for (tag, result) in done.drain(..) {
                 match tag {
-                    ACCEPT => self.accepted(listener, result, flags),
+                    ACCEPT => self.accepted(listener, result),
                     RETRY_ACCEPT => {
                         self.accepting = false;
                         if !self.stopping {
@@ -284,29 +286,34 @@ impl Loop {
         self.stopping && self.live == 0 && !self.accepting && !self.waiting_for_wake
     }
 
-    fn accepted(&mut self, listener: RawFd, result: i32, flags: u32) {
-        if !cqueue::more(flags) {
-            self.accepting = false;
-            if !self.stopping {
-                if matches!(
-                    -result,
-                    libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
-                ) {
-                    warn!(error = %io::Error::from_raw_os_error(-result), "accept failed");
-                    let wait = opcode::Timeout::new(&RETRY_AFTER)
-                        .build()
-                        .user_data(RETRY_ACCEPT);
-                    self.push(&wait);
-                    self.accepting = true;
-                } else {
-                    self.arm_accept(listener);
-                }
+    /// An accept finished: arms the next one (after a pause when out of
+    /// descriptors or memory) and takes the connection.
+    fn accepted(&mut self, listener: RawFd, result: i32) {
+        self.accepting = false;
+        let out_of_room = matches!(
+            -result,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        );
+        if result < 0 && result != -libc::ECANCELED {
+            let err = io::Error::from_raw_os_error(-result);
+            if out_of_room {
+                warn!(error = %err, "accept failed");
+            } else {
+                debug!(error = %err, "accept failed");
+            }
+        }
+        if !self.stopping {
+            if out_of_room {
+                let wait = opcode::Timeout::new(&RETRY_AFTER)
+                    .build()
+                    .user_data(RETRY_ACCEPT);
+                self.push(&wait);
+                self.accepting = true;
+            } else {
+                self.arm_accept(listener);
             }
         }
         if result < 0 {
-            if result != -libc::ECANCELED {
-                debug!(error = %io::Error::from_raw_os_error(-result), "accept failed");
-            }
             return;
         }
         // SAFETY: a new descriptor, owned by nothing else.
