@@ -150,6 +150,12 @@ pub(super) fn serve(
     }))
 }
 
+/// An error that ends nothing: an interrupted or cancelled operation (at
+/// shutdown, or one whose buffer is still in use).
+fn ignorable(errno: i32, stopping: bool) -> bool {
+    matches!(errno, libc::EINTR | libc::EAGAIN) || (errno == libc::ECANCELED && stopping)
+}
+
 /// A ring of the kind the loop needs: one thread submits, and completions
 /// are delivered when it asks for them (Linux 6.1 on; an older kernel, or
 /// one that forbids io_uring, says no and the runtime serves instead).
@@ -168,8 +174,16 @@ struct Slot {
     /// Answers being written, and how much of them is written.
     sending: BytesMut,
     sent: usize,
-    /// A receive is in flight (else a send is).
-    receiving: bool,
+    /// Operations whose completion is awaited: a receive, a send, or both.
+    /// (A send linked to the receive after it is not counted: it completes
+    /// silently, or fails and says so before the receive does.)
+    in_flight: u8,
+    /// The send in flight is linked to a receive...
+    linked: bool,
+    /// ...and it failed (its completion came).
+    send_told: bool,
+    /// Reset, broken pipe: closed once nothing is in flight.
+    failed: bool,
 }
 
 struct Loop {
@@ -346,7 +360,10 @@ impl Loop {
             permit,
             sending: BytesMut::new(),
             sent: 0,
-            receiving: false,
+            in_flight: 0,
+            linked: false,
+            send_told: false,
+            failed: false,
         };
         let at = match self.free.pop() {
             Some(at) => {
@@ -375,14 +392,41 @@ impl Loop {
         )
         .build()
         .user_data((at as u64) << 1);
-        slot.receiving = true;
+        slot.in_flight += 1;
         self.push(&recv);
     }
 
+    /// Writes what is left of the slot's answers. (A send on a stream
+    /// socket finishes only when all is written, or fails.)
     fn send(&mut self, at: usize) {
-        let Some(slot) = self.slots[at].as_mut() else {
+        if let Some(send) = self.send_entry(at, false) {
+            self.push(&send);
+        }
+    }
+
+    /// Writes the slot's answers, then reads on: the receive is linked to
+    /// the send, and a send that succeeds says nothing, so one completion
+    /// (the receive's) tells of both; a send that fails says so first.
+    fn send_then_receive(&mut self, at: usize) {
+        let Some(send) = self.send_entry(at, true) else {
             return;
         };
+        // The two must go in one submission, or they would not be linked.
+        let room = {
+            let queue = self.ring.submission();
+            queue.capacity() - queue.len()
+        };
+        if room < 2
+            && let Err(err) = self.ring.submit()
+        {
+            debug!(error = %err, "io_uring submit");
+        }
+        self.push(&send);
+        self.receive(at);
+    }
+
+    fn send_entry(&mut self, at: usize, linked: bool) -> Option<squeue::Entry> {
+        let slot = self.slots[at].as_mut()?;
         let rest = &slot.sending[slot.sent..];
         let send = opcode::Send::new(
             types::Fd(slot.stream.as_raw_fd()),
@@ -392,74 +436,86 @@ impl Loop {
         .flags(libc::MSG_NOSIGNAL)
         .build()
         .user_data(((at as u64) << 1) | SEND);
-        slot.receiving = false;
-        self.push(&send);
+        slot.linked = linked;
+        slot.send_told = false;
+        Some(if linked {
+            send.flags(squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS)
+        } else {
+            slot.in_flight += 1;
+            send
+        })
     }
 
     fn received(&mut self, at: usize, result: i32) {
+        let stopping = self.stopping;
         let Some(slot) = self.slots[at].as_mut() else {
             return;
         };
-        if result < 0 {
-            match -result {
-                libc::ECANCELED if self.stopping => self.hand_over(at),
-                libc::EINTR | libc::EAGAIN => self.receive(at),
-                errno => {
-                    debug!(error = %io::Error::from_raw_os_error(errno), "closed on error");
-                    self.close(at);
-                }
-            }
-            return;
+        slot.in_flight -= 1;
+        if std::mem::take(&mut slot.linked) && !slot.send_told {
+            // The send linked before it succeeded, saying nothing.
+            slot.sent = slot.sending.len();
         }
-        // SAFETY: the kernel wrote `result` bytes into the room that
-        // `receive` lent it, and nothing touched the buffer meanwhile.
-        unsafe { slot.conn.did_read(result as usize) };
-        if self.stopping {
-            self.hand_over(at);
-        } else {
-            self.answer(at);
+        if result >= 0 {
+            // SAFETY: the kernel wrote `result` bytes into the room that
+            // `receive` lent it, and nothing touched the buffer meanwhile.
+            unsafe { slot.conn.did_read(result as usize) };
+        } else if !ignorable(-result, stopping) {
+            debug!(error = %io::Error::from_raw_os_error(-result), "closed on error");
+            slot.failed = true;
+        }
+        if slot.in_flight == 0 {
+            self.settle(at);
         }
     }
 
     fn sent(&mut self, at: usize, result: i32) {
+        let stopping = self.stopping;
         let Some(slot) = self.slots[at].as_mut() else {
             return;
         };
-        if result < 0 {
-            match -result {
-                libc::ECANCELED if self.stopping => self.hand_over(at),
-                libc::EINTR | libc::EAGAIN => self.send(at),
-                errno => {
-                    debug!(error = %io::Error::from_raw_os_error(errno), "closed on error");
-                    self.close(at);
-                }
-            }
-            return;
-        }
-        slot.sent += result as usize;
-        if slot.sent < slot.sending.len() {
-            if result == 0 {
-                self.close(at);
-            } else if self.stopping {
-                self.hand_over(at);
-            } else {
-                self.send(at);
-            }
-            return;
-        }
-        slot.sending = BytesMut::new();
-        slot.sent = 0;
-        if self.stopping {
-            self.hand_over(at);
-        } else if slot.conn.has_unframed() {
-            self.answer(at);
+        // A linked send tells only of a failure, before its receive does.
+        let linked = slot.linked;
+        if linked {
+            slot.send_told = true;
         } else {
-            self.receive(at);
+            slot.in_flight -= 1;
+        }
+        if result > 0 {
+            slot.sent += result as usize;
+        } else if result == 0 {
+            // Nothing written of a non-empty write: the peer is gone.
+            slot.failed = !stopping;
+        } else if !ignorable(-result, stopping) {
+            debug!(error = %io::Error::from_raw_os_error(-result), "closed on error");
+            slot.failed = true;
+        }
+        if !linked && slot.in_flight == 0 {
+            self.settle(at);
         }
     }
 
-    /// Answers what was read: writes the answers, or hands the connection
-    /// over when a line needs more than this loop does.
+    /// Nothing is in flight for the connection: closes it, hands it over,
+    /// writes the rest of its answers, or answers what it sent.
+    fn settle(&mut self, at: usize) {
+        let Some(slot) = self.slots[at].as_mut() else {
+            return;
+        };
+        if slot.failed {
+            self.close(at);
+        } else if self.stopping {
+            self.hand_over(at);
+        } else if slot.sent < slot.sending.len() {
+            self.send(at);
+        } else {
+            slot.sending = BytesMut::new();
+            slot.sent = 0;
+            self.answer(at);
+        }
+    }
+
+    /// Answers what was read: writes the answers and reads on, or hands the
+    /// connection over when a line needs more than this loop does.
     fn answer(&mut self, at: usize) {
         let Some(slot) = self.slots[at].as_mut() else {
             return;
@@ -469,12 +525,18 @@ impl Loop {
             return;
         }
         let answers = slot.conn.take_answers();
+        // With lines left unanswered (the backlog was full), nothing more is
+        // read until they are.
         if answers.is_empty() {
             self.receive(at);
-        } else {
-            slot.sending = answers;
-            slot.sent = 0;
+            return;
+        }
+        slot.sending = answers;
+        slot.sent = 0;
+        if slot.conn.has_unframed() {
             self.send(at);
+        } else {
+            self.send_then_receive(at);
         }
     }
 
@@ -490,12 +552,13 @@ impl Loop {
             }
         }
         for at in 0..self.slots.len() {
-            if let Some(slot) = &self.slots[at] {
-                let op = if slot.receiving { 0 } else { SEND };
-                let cancel = opcode::AsyncCancel::new(((at as u64) << 1) | op)
-                    .build()
-                    .user_data(CANCEL);
-                self.push(&cancel);
+            if self.slots[at].is_some() {
+                for op in [0, SEND] {
+                    let cancel = opcode::AsyncCancel::new(((at as u64) << 1) | op)
+                        .build()
+                        .user_data(CANCEL);
+                    self.push(&cancel);
+                }
             }
         }
     }
