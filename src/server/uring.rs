@@ -18,6 +18,7 @@
 //! Where the kernel refuses io_uring (containers often do), the node serves
 //! every connection on the async runtime, as it does without the feature.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::TcpStream as StdStream;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -195,6 +196,9 @@ struct Loop {
     /// An accept (or the timer before the next one) is armed.
     accepting: bool,
     stopping: bool,
+    /// Operations not yet in the submission queue, in order, each with
+    /// whether it is linked to the next.
+    queued: VecDeque<(squeue::Entry, bool)>,
     /// The read of the wake-up pipe is armed.
     waiting_for_wake: bool,
     wake_buf: [u8; 8],
@@ -210,24 +214,54 @@ impl Loop {
             live: 0,
             accepting: false,
             stopping: false,
+            queued: VecDeque::new(),
             waiting_for_wake: false,
             wake_buf: [0; 8],
         }
     }
 
-    /// Queues an operation, submitting what is queued when the queue is full.
+    /// Queues an operation; it is submitted with the next wait.
     fn push(&mut self, entry: &squeue::Entry) {
-        loop {
-            // SAFETY: every buffer an entry points to lives in a slot (or in
-            // the loop) and is neither touched nor freed until the entry's
-            // completion has been taken.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
-                return;
+        self.queued.push_back((entry.clone(), false));
+    }
+
+    /// Queues an operation linked to the next one queued.
+    fn push_linked(&mut self, entry: squeue::Entry) {
+        self.queued.push_back((entry, true));
+    }
+
+    /// Moves the queued operations to the submission queue, submitting
+    /// whenever it is full. A linked pair goes in one submission, or it
+    /// would not be linked. Stops early if the kernel takes no more for now
+    /// (its completion queue is full): the rest waits for the next turn,
+    /// once completions have been taken.
+    fn submit_queued(&mut self) {
+        while let Some(&(_, linked)) = self.queued.front() {
+            let need = if linked { 2 } else { 1 };
+            if self.room() < need {
+                if let Err(err) = self.ring.submit() {
+                    debug!(error = %err, "io_uring submit");
+                }
+                if self.room() < need {
+                    return;
+                }
             }
-            if let Err(err) = self.ring.submit() {
-                debug!(error = %err, "io_uring submit");
+            for _ in 0..need {
+                let Some((entry, _)) = self.queued.pop_front() else {
+                    return;
+                };
+                // SAFETY: every buffer an entry points to lives in a slot
+                // (or in the loop) and is neither touched nor freed until
+                // the entry's completion has been taken. There is room.
+                let _ = unsafe { self.ring.submission().push(&entry) };
             }
         }
+    }
+
+    /// Free entries in the submission queue.
+    fn room(&mut self) -> usize {
+        let queue = self.ring.submission();
+        queue.capacity() - queue.len()
     }
 
     /// One connection per accept, so that the loops take turns: the kernel
@@ -254,6 +288,7 @@ impl Loop {
         let mut done: Vec<(u64, i32)> = Vec::with_capacity(256);
         self.waiting_for_wake = true;
         while !self.finished() {
+            self.submit_queued();
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(err)
@@ -411,17 +446,7 @@ impl Loop {
         let Some(send) = self.send_entry(at, true) else {
             return;
         };
-        // The two must go in one submission, or they would not be linked.
-        let room = {
-            let queue = self.ring.submission();
-            queue.capacity() - queue.len()
-        };
-        if room < 2
-            && let Err(err) = self.ring.submit()
-        {
-            debug!(error = %err, "io_uring submit");
-        }
-        self.push(&send);
+        self.push_linked(send);
         self.receive(at);
     }
 
