@@ -241,14 +241,18 @@ impl Connection {
         }
         Some(step)
     }
+}
 
+/// What an io_uring loop (`uring`) needs of a connection it serves until it
+/// hands it over to [`Connection::run`].
+#[cfg(all(target_os = "linux", feature = "uring"))]
+impl Connection {
     /// For a loop that answers connections without the async runtime
     /// (`uring`): answers the buffer's lines as long as each is answered
     /// here and now, until the backlog is full. False when a line needs
     /// more (another node, the store, `QUIT`, the end of input): the
     /// connection must then go on in [`Connection::run`], which takes over
     /// from that line.
-    #[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
     pub(super) fn answer_here(&mut self) -> bool {
         if self.at_eof {
             return false;
@@ -269,20 +273,23 @@ impl Connection {
 
     /// Whether the buffer may hold lines not answered yet (the backlog was
     /// full when they were reached).
-    #[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
     pub(super) fn has_unframed(&self) -> bool {
         self.unframed
     }
 
+    /// The client closed its side and left nothing to answer: the
+    /// connection can simply close.
+    pub(super) fn ended(&self) -> bool {
+        self.at_eof && self.buf.is_empty()
+    }
+
     /// The answers made so far, to be written.
-    #[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
     pub(super) fn take_answers(&mut self) -> BytesMut {
         self.gathered.take_out()
     }
 
     /// Answers already due (part of a write that another loop began), to be
     /// written before any other.
-    #[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
     pub(super) fn write_first(&mut self, bytes: BytesMut) {
         debug_assert!(self.out.is_empty());
         self.out = bytes;
@@ -290,7 +297,6 @@ impl Connection {
 
     /// Room for the next read, at the end of the input buffer (grown as a
     /// read of the async loop grows it).
-    #[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
     pub(super) fn read_room(&mut self) -> &mut [std::mem::MaybeUninit<u8>] {
         if self.buf.capacity() - self.buf.len() < READ_BYTES / 4 {
             self.buf.reserve(READ_BYTES);
@@ -304,7 +310,6 @@ impl Connection {
     /// # Safety
     /// The first `n` bytes of that room must have been written, and the
     /// buffer not touched since.
-    #[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
     pub(super) unsafe fn did_read(&mut self, n: usize) {
         // SAFETY: the caller wrote `n` bytes of the spare capacity.
         unsafe { self.buf.set_len(self.buf.len() + n) };

@@ -33,7 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, debug_span, info, warn};
+use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::command::Limits;
 use crate::protocol;
@@ -56,7 +56,9 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// How long a connection may send nothing before it is closed.
     pub idle_timeout: Option<Duration>,
-    /// Serve connections from io_uring loops where the kernel allows it.
+    /// Serve connections from io_uring loops where the kernel allows it
+    /// (read only where the build has them: Linux, feature `uring`).
+    #[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
     pub io_uring: bool,
     /// Name and value limits.
     pub sizes: Limits,
@@ -71,24 +73,22 @@ pub async fn run(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     #[cfg(all(target_os = "linux", feature = "uring"))]
     let listener = if limits.io_uring && limits.idle_timeout.is_none() {
-        // One loop per two cores: the kernel does most of a request's work,
-        // partly on other threads' time, and the runtime needs room too. On
-        // two cores, two loops cost a third more CPU per request than one,
-        // with a p99 six times as high (scripts/bench, README).
-        let threads = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
-        match uring::serve(listener, &router, limits, &shutdown, &tracker, threads) {
+        match uring::serve(listener, &router, limits, &shutdown, &tracker, &permits) {
             Ok(serving) => return serving.await,
             Err((listener, err)) => {
-                info!(error = %err, "io_uring is not available; serving connections on the runtime");
+                tracing::info!(
+                    error = %err,
+                    "io_uring is not available; serving connections on the runtime"
+                );
                 listener
             }
         }
     } else {
         listener
     };
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,

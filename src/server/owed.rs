@@ -184,6 +184,7 @@ impl Gathered {
 
     /// Whether commands of this read wait to be forwarded (to another node
     /// or to this node's store).
+    #[cfg(all(target_os = "linux", feature = "uring"))]
     pub(super) fn holds_work(&self) -> bool {
         !self.groups.is_empty()
     }
