@@ -8,10 +8,11 @@
 //! one entry into the kernel serves many connections.
 //!
 //! A loop answers what can be answered at once: local buckets, `PING`,
-//! errors. The first line that needs more (another node, the durable store,
-//! `QUIT`, the end of input) hands the connection over to the async runtime,
-//! where [`Connection::run`] takes over from that line with everything read
-//! and answered so far; it stays there. So does every connection when the
+//! errors; a client that closes with nothing left to answer is closed here.
+//! The first line that needs more (another node, the durable store, `QUIT`,
+//! the end of input after an unterminated line) hands the connection over to
+//! the async runtime, where [`Connection::run`] takes over from that line
+//! with everything read and answered so far; it stays there. So does every connection when the
 //! node shuts down (the runtime's loop drains it), and every connection of a
 //! node with `idle_timeout_secs` set (the runtime keeps its timers).
 //!
