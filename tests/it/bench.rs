@@ -38,6 +38,49 @@ async fn bench_counts_add_up_against_a_real_node() {
     node.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_drives_every_connection_when_it_has_more_than_tasks() {
+    // Connections are driven by a few tasks each. With more connections
+    // than tasks, and a count that does not divide evenly, every connection
+    // still makes requests: a server that counts the connections that sent
+    // a GET or a PUT sees all of them.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let used = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = used.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let used = counted.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut lines = BufReader::new(r).lines();
+                let mut seen = false;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let get = line.starts_with("GET");
+                    if !seen && (get || line.starts_with("PUT")) {
+                        seen = true;
+                        used.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let answer: &[u8] = if get { b"\r\nOK\r\n" } else { b"OK\r\n" };
+                    if w.write_all(answer).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut opts = options(addr);
+    opts.conns = 101;
+    opts.pipeline = 1;
+    opts.prefill = false;
+    opts.requests = None;
+    opts.duration = Some(std::time::Duration::from_secs(1));
+    let report = within("bench", run(opts)).await.expect("bench runs");
+    assert_eq!(report.errors, 0, "{:?}", report.first_error);
+    assert!(report.ok > 101, "{} requests", report.ok);
+    assert_eq!(used.load(std::sync::atomic::Ordering::Relaxed), 101);
+}
+
 #[tokio::test]
 async fn bench_counts_wrong_answers_as_errors() {
     // A server that accepts everything but answers every GET with a wrong value.
