@@ -315,26 +315,22 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     });
     let cpu_before = process_cpu_seconds();
     let started = Instant::now();
-    let mut tasks = Vec::with_capacity(opts.conns);
-    let mut groups = Vec::new();
-    match (&nats, &kv) {
-        (Some((client, subject)), _) => {
-            for id in 0..opts.conns as u64 {
+    // Each task drives one or more connections and gives back their results.
+    let tasks: Vec<tokio::task::JoinHandle<Vec<ConnResult>>> = match (&nats, &kv) {
+        (Some((client, subject)), _) => (0..opts.conns as u64)
+            .map(|id| {
                 let requester = nats_requester(shared.clone(), client.clone(), subject.clone(), id);
-                tasks.push(tokio::spawn(requester));
-            }
-        }
-        (None, Some(kv)) => {
-            for id in 0..opts.conns as u64 {
-                tasks.push(tokio::spawn(jetstream_requester(
-                    shared.clone(),
-                    kv.clone(),
-                    id,
-                )));
-            }
-        }
-        (None, None) => groups = connection_groups(&shared),
-    }
+                tokio::spawn(async move { vec![requester.await] })
+            })
+            .collect(),
+        (None, Some(kv)) => (0..opts.conns as u64)
+            .map(|id| {
+                let requester = jetstream_requester(shared.clone(), kv.clone(), id);
+                tokio::spawn(async move { vec![requester.await] })
+            })
+            .collect(),
+        (None, None) => connection_groups(&shared),
+    };
     let progress = std::io::stderr().is_terminal().then(|| {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -362,26 +358,18 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     }
     let mut hist = new_histogram();
     let mut first_error = None;
-    let mut results = Vec::with_capacity(opts.conns);
     for task in tasks {
-        results.push(
-            task.await
-                .unwrap_or_else(|e| Err(format!("connection task failed: {e}"))),
-        );
-    }
-    for group in groups {
-        match group.await {
-            Ok(done) => results.extend(done),
-            Err(e) => results.push(Err(format!("connection task failed: {e}"))),
-        }
-    }
-    for result in results {
-        match result {
-            Ok((h, err)) => {
-                let _ = hist.add(&h);
-                first_error = first_error.or(err);
+        let results = task
+            .await
+            .unwrap_or_else(|e| vec![Err(format!("connection task failed: {e}"))]);
+        for result in results {
+            match result {
+                Ok((h, err)) => {
+                    let _ = hist.add(&h);
+                    first_error = first_error.or(err);
+                }
+                Err(e) => first_error = first_error.or(Some(e)),
             }
-            Err(e) => first_error = first_error.or(Some(e)),
         }
     }
     if let Some(p) = progress {
