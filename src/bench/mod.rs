@@ -316,19 +316,13 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let cpu_before = process_cpu_seconds();
     let started = Instant::now();
     // Each task drives one or more connections and gives back their results.
-    let tasks: Vec<tokio::task::JoinHandle<Vec<ConnResult>>> = match (&nats, &kv) {
-        (Some((client, subject)), _) => (0..opts.conns as u64)
-            .map(|id| {
-                let requester = nats_requester(shared.clone(), client.clone(), subject.clone(), id);
-                tokio::spawn(async move { vec![requester.await] })
-            })
-            .collect(),
-        (None, Some(kv)) => (0..opts.conns as u64)
-            .map(|id| {
-                let requester = jetstream_requester(shared.clone(), kv.clone(), id);
-                tokio::spawn(async move { vec![requester.await] })
-            })
-            .collect(),
+    let tasks = match (&nats, &kv) {
+        (Some((client, subject)), _) => one_task_each(opts.conns, |id| {
+            nats_requester(shared.clone(), client.clone(), subject.clone(), id)
+        }),
+        (None, Some(kv)) => one_task_each(opts.conns, |id| {
+            jetstream_requester(shared.clone(), kv.clone(), id)
+        }),
         (None, None) => connection_groups(&shared),
     };
     let progress = std::io::stderr().is_terminal().then(|| {
@@ -393,6 +387,22 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     })
 }
 
+/// Starts `count` requesters (NATS, JetStream), a task each.
+fn one_task_each<F>(
+    count: usize,
+    requester: impl Fn(u64) -> F,
+) -> Vec<tokio::task::JoinHandle<Vec<ConnResult>>>
+where
+    F: Future<Output = ConnResult> + Send + 'static,
+{
+    (0..count as u64)
+        .map(|id| {
+            let running = requester(id);
+            tokio::spawn(async move { vec![running.await] })
+        })
+        .collect()
+}
+
 /// Starts the TCP connections in groups: a few tasks, each driving its
 /// share of the connections and running each one as its answer comes.
 /// With one task per connection, 1,000 connections woken at once overflow
@@ -443,10 +453,9 @@ const GROUPS_PER_CORE: usize = 4;
 /// it lets it make 128 socket operations (its cooperative budget); a request
 /// takes two, its write and its read. A task with more connections ready
 /// than that allows stops partway, and the rest of its answers wait, already
-/// arrived, until every other task has had its turn: at 1,000 connections
-/// in eight tasks (125 each) that doubled the p99 of a server answering many
-/// connections at once (22 against 10 ms for kvmesh, 13.5 against 12 for
-/// Redis, with 32 tasks). 32 leaves room for answers read in parts.
+/// arrived, until every other task has had its turn, which inflates the p99
+/// of a server that answers many connections at once (README, Performance).
+/// 32 leaves room for answers read in parts.
 const CONNS_PER_GROUP: usize = 32;
 
 fn new_histogram() -> Histogram<u64> {
