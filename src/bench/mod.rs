@@ -103,7 +103,11 @@ pub struct BenchReport {
     pub p999_us: u64,
     /// Slowest request.
     pub max_us: u64,
-    /// CPU the benchmark itself used, in percent of one core.
+    /// CPU the benchmark itself used, in percent of one core, by the
+    /// scheduler's count (`/proc/self/stat`). Beside a server that wakes it
+    /// from inside one long system call (an io_uring loop's batch of sends)
+    /// that count also holds some of the server's time; `perf stat -e
+    /// task-clock` counts exactly (`scripts/bench` uses it where it can).
     pub client_cpu_percent: f64,
     /// The first wrong answer seen, if any.
     pub first_error: Option<String>,
