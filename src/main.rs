@@ -152,6 +152,11 @@ struct BenchArgs {
     /// (instead of one inside the benchmark).
     #[arg(long)]
     subject: Option<String>,
+    /// How the client drives TCP connections (kvmesh, Redis): from io_uring
+    /// rings, one thread per two cores (where the kernel allows it), or on
+    /// the async runtime.
+    #[arg(long, value_enum, default_value_t = BenchIo::Uring)]
+    io: BenchIo,
     /// With --target nats and --subject: be that responder (answer requests
     /// on the subject until stopped) instead of driving load.
     #[arg(long)]
@@ -164,6 +169,12 @@ enum BenchTarget {
     Redis,
     Nats,
     Jetstream,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BenchIo {
+    Uring,
+    Runtime,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -342,6 +353,10 @@ fn bench(args: BenchArgs) -> ExitCode {
         value_size: args.value_size.max(1),
         prefill: args.prefill,
         subject: args.subject.clone(),
+        io: match args.io {
+            BenchIo::Uring => kvmesh::bench::ClientIo::Uring,
+            BenchIo::Runtime => kvmesh::bench::ClientIo::Runtime,
+        },
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -46,24 +46,43 @@ impl Conn {
     /// The next line, without its `\r\n`.
     pub(super) async fn line(&mut self) -> Result<BytesMut, BenchError> {
         loop {
-            if let Some(i) = memchr::memchr(b'\n', &self.buf) {
-                let mut line = self.buf.split_to(i + 1);
-                line.truncate(i);
-                if line.last() == Some(&b'\r') {
-                    line.truncate(i - 1);
-                }
+            if let Some((line, used)) = line_at(&self.buf) {
+                let len = line.len();
+                let mut line = self.buf.split_to(used);
+                line.truncate(len);
                 return Ok(line);
             }
-            self.buf.reserve(64 * 1024);
-            let n = self
-                .stream
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| BenchError::Setup(format!("read: {e}")))?;
-            if n == 0 {
-                return Err(BenchError::Setup("the server closed the connection".into()));
-            }
+            self.fill().await?;
         }
+    }
+
+    /// The verdict on the next answer (see [`answer`]).
+    async fn answer(
+        &mut self,
+        target: Target,
+        get: Option<&[u8]>,
+    ) -> Result<Result<(), String>, BenchError> {
+        loop {
+            if let Some((used, verdict)) = answer(target, &self.buf, get) {
+                self.buf.advance(used);
+                return Ok(verdict);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Reads what has arrived (waiting for something).
+    async fn fill(&mut self) -> Result<(), BenchError> {
+        self.buf.reserve(64 * 1024);
+        let n = self
+            .stream
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(|e| BenchError::Setup(format!("read: {e}")))?;
+        if n == 0 {
+            return Err(BenchError::Setup("the server closed the connection".into()));
+        }
+        Ok(())
     }
 }
 
@@ -102,11 +121,10 @@ pub(super) async fn connection(shared: Arc<Shared>, addr: String, id: u64) -> Co
         let start = Instant::now();
         conn.send(&batch).await.map_err(err)?;
         for &(get, i) in &sent {
-            let verdict = match opts.target {
-                Target::Redis => check_redis(&mut conn, get.then(|| &work.values[i][..])).await,
-                _ => check_kvmesh(&mut conn, get.then(|| &work.values[i][..])).await,
-            }
-            .map_err(err)?;
+            let verdict = conn
+                .answer(opts.target, get.then(|| &work.values[i][..]))
+                .await
+                .map_err(err)?;
             let _ = hist.record((start.elapsed().as_micros() as u64).max(1));
             tally.count(verdict, &mut first_error);
         }
@@ -120,56 +138,104 @@ fn show(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Reads a kvmesh answer: `OK` for a PUT; the value (or nothing) then `OK` for a GET.
-async fn check_kvmesh(
-    conn: &mut Conn,
+/// The line at the start of `buf`: its text without `\r\n`, and the bytes
+/// it takes with its end; `None` until its `\n` has arrived.
+fn line_at(buf: &[u8]) -> Option<(&[u8], usize)> {
+    let i = memchr::memchr(b'\n', buf)?;
+    let line = &buf[..i];
+    Some((line.strip_suffix(b"\r").unwrap_or(line), i + 1))
+}
+
+/// The verdict on the answer at the start of `buf` to a GET (`get` holds the
+/// value it may answer) or a PUT, and the bytes the answer takes; `None`
+/// while it is incomplete. Both clients, the runtime's and the io_uring
+/// one, read answers with this.
+pub(super) fn answer(
+    target: Target,
+    buf: &[u8],
     get: Option<&[u8]>,
-) -> Result<Result<(), String>, BenchError> {
-    let first = conn.line().await?;
-    Ok(match get {
-        None if &first[..] == b"OK" => Ok(()),
-        None => Err(format!("PUT answered {:?}", show(&first))),
-        Some(_) if first.starts_with(b"ERROR") || &first[..] == b"NOT FOUND" => {
-            Err(format!("GET answered {:?}", show(&first)))
-        }
-        Some(value) => {
-            let second = conn.line().await?;
-            if &second[..] == b"OK" && (first.is_empty() || &first[..] == value) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "GET answered {:?} then {:?}, expected {:?}",
-                    show(&first),
-                    show(&second),
-                    show(value)
-                ))
+) -> Option<(usize, Result<(), String>)> {
+    let (first, used) = line_at(buf)?;
+    let second = || line_at(&buf[used..]).map(|(line, more)| (line, used + more));
+    Some(match target {
+        Target::Redis => match get {
+            None if first == b"+OK" => (used, Ok(())),
+            None => (used, Err(format!("SET answered {:?}", show(first)))),
+            Some(_) if first == b"$-1" => (used, Ok(())),
+            Some(value) if first.first() == Some(&b'$') => {
+                let (body, used) = second()?;
+                let verdict = if body == value {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "GET answered {:?}, expected {:?}",
+                        show(body),
+                        show(value)
+                    ))
+                };
+                (used, verdict)
             }
-        }
+            Some(_) => (used, Err(format!("GET answered {:?}", show(first)))),
+        },
+        _ => match get {
+            None if first == b"OK" => (used, Ok(())),
+            None => (used, Err(format!("PUT answered {:?}", show(first)))),
+            Some(_) if first.starts_with(b"ERROR") || first == b"NOT FOUND" => {
+                (used, Err(format!("GET answered {:?}", show(first))))
+            }
+            Some(value) => {
+                let (ok, used) = second()?;
+                let verdict = if ok == b"OK" && (first.is_empty() || first == value) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "GET answered {:?} then {:?}, expected {:?}",
+                        show(first),
+                        show(ok),
+                        show(value)
+                    ))
+                };
+                (used, verdict)
+            }
+        },
     })
 }
 
-/// Reads a RESP answer: `+OK` for SET; a bulk string (or nil) for GET.
-async fn check_redis(
-    conn: &mut Conn,
-    get: Option<&[u8]>,
-) -> Result<Result<(), String>, BenchError> {
-    let first = conn.line().await?;
-    Ok(match get {
-        None if &first[..] == b"+OK" => Ok(()),
-        None => Err(format!("SET answered {:?}", show(&first))),
-        Some(_) if &first[..] == b"$-1" => Ok(()),
-        Some(value) if first.first() == Some(&b'$') => {
-            let body = conn.line().await?;
-            if &body[..] == value {
-                Ok(())
-            } else {
-                Err(format!(
-                    "GET answered {:?}, expected {:?}",
-                    show(&body),
-                    show(value)
-                ))
-            }
-        }
-        Some(_) => Err(format!("GET answered {:?}", show(&first))),
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_judged_once_whole() {
+        let kv = |buf: &[u8], get: Option<&[u8]>| answer(Target::Kvmesh, buf, get);
+        assert_eq!(kv(b"OK\r\nOK\r\n", None), Some((4, Ok(()))));
+        assert_eq!(kv(b"OK\r", None), None);
+        assert_eq!(kv(b"v1\r\n", Some(b"v1")), None);
+        assert_eq!(kv(b"v1\r\nOK\r\n", Some(b"v1")), Some((8, Ok(()))));
+        assert_eq!(kv(b"\r\nOK\r\n", Some(b"v1")), Some((6, Ok(()))));
+        assert_eq!(
+            kv(b"v2\r\nOK\r\n", Some(b"v1")),
+            Some((
+                8,
+                Err(r#"GET answered "v2" then "OK", expected "v1""#.into())
+            ))
+        );
+        assert_eq!(
+            kv(b"ERROR unknown bucket\r\n", Some(b"v1")),
+            Some((22, Err(r#"GET answered "ERROR unknown bucket""#.into())))
+        );
+        assert_eq!(
+            kv(b"NOT FOUND\r\n", None),
+            Some((11, Err(r#"PUT answered "NOT FOUND""#.into())))
+        );
+        let redis = |buf: &[u8], get: Option<&[u8]>| answer(Target::Redis, buf, get);
+        assert_eq!(redis(b"+OK\r\n", None), Some((5, Ok(()))));
+        assert_eq!(redis(b"$-1\r\n", Some(b"v1")), Some((5, Ok(()))));
+        assert_eq!(redis(b"$2\r\nv1", Some(b"v1")), None);
+        assert_eq!(redis(b"$2\r\nv1\r\n+OK", Some(b"v1")), Some((8, Ok(()))));
+        assert_eq!(
+            redis(b"-ERR wrong\r\n", Some(b"v1")),
+            Some((12, Err(r#"GET answered "-ERR wrong""#.into())))
+        );
+    }
 }

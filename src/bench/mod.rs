@@ -29,6 +29,8 @@ use crate::{protocol, wire};
 
 mod conn;
 mod nats;
+#[cfg(all(target_os = "linux", feature = "uring"))]
+mod uring;
 
 use conn::{Conn, connection};
 pub use nats::respond;
@@ -48,6 +50,16 @@ pub enum Target {
     /// afresh; bucket `b` and key `k` become the KV key `b.k`): what a user
     /// would pick instead of a durable kvmesh node.
     Jetstream,
+}
+
+/// How the TCP connections (kvmesh, Redis) are driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientIo {
+    /// From io_uring rings, one thread per two cores (Linux, feature
+    /// `uring`); the runtime drives them where io_uring is refused.
+    Uring,
+    /// By the async runtime, a task per group of connections.
+    Runtime,
 }
 
 /// What to run.
@@ -80,6 +92,8 @@ pub struct BenchOptions {
     /// process (`kvmesh bench --target nats --respond`); without it the
     /// benchmark answers in-process.
     pub subject: Option<String>,
+    /// How TCP connections are driven.
+    pub io: ClientIo,
 }
 
 /// What a run measured.
@@ -111,6 +125,9 @@ pub struct BenchReport {
     pub client_cpu_percent: f64,
     /// The first wrong answer seen, if any.
     pub first_error: Option<String>,
+    /// What drove the connections: `uring`, `runtime` (TCP targets), or
+    /// `nats` (the NATS targets' requesters on the runtime).
+    pub client: &'static str,
 }
 
 impl std::fmt::Display for BenchReport {
@@ -125,7 +142,11 @@ impl std::fmt::Display for BenchReport {
             "latency us: p50 {} p90 {} p99 {} p99.9 {} max {}",
             self.p50_us, self.p90_us, self.p99_us, self.p999_us, self.max_us
         )?;
-        write!(f, "client CPU: {:.0}% of one core", self.client_cpu_percent)?;
+        write!(
+            f,
+            "client CPU: {:.0}% of one core ({} client)",
+            self.client_cpu_percent, self.client
+        )?;
         if let Some(e) = &self.first_error {
             write!(f, "\nfirst error: {e}")?;
         }
@@ -320,6 +341,10 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let cpu_before = process_cpu_seconds();
     let started = Instant::now();
     // Each task drives one or more connections and gives back their results.
+    let mut client = match opts.target {
+        Target::Nats | Target::Jetstream => "nats",
+        Target::Kvmesh | Target::Redis => "uring",
+    };
     let tasks = match (&nats, &kv) {
         (Some((client, subject)), _) => one_task_each(opts.conns, |id| {
             nats_requester(shared.clone(), client.clone(), subject.clone(), id)
@@ -327,7 +352,16 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         (None, Some(kv)) => one_task_each(opts.conns, |id| {
             jetstream_requester(shared.clone(), kv.clone(), id)
         }),
-        (None, None) => connection_groups(&shared),
+        (None, None) => match opts.io {
+            ClientIo::Uring => uring_threads(&shared).unwrap_or_else(|| {
+                client = "runtime";
+                connection_groups(&shared)
+            }),
+            ClientIo::Runtime => {
+                client = "runtime";
+                connection_groups(&shared)
+            }
+        },
     };
     let progress = std::io::stderr().is_terminal().then(|| {
         let shared = shared.clone();
@@ -388,6 +422,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         max_us: hist.max(),
         client_cpu_percent: cpu.map(|c| 100.0 * c / seconds).unwrap_or(0.0),
         first_error,
+        client,
     })
 }
 
@@ -439,6 +474,38 @@ fn connection_groups(shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<Vec<Co
             })
         })
         .collect()
+}
+
+/// Starts the io_uring client's threads, one per two cores (and no more
+/// than there are connections), each driving every so-many-th connection;
+/// `None` where io_uring is refused.
+#[cfg(all(target_os = "linux", feature = "uring"))]
+fn uring_threads(shared: &Arc<Shared>) -> Option<Vec<tokio::task::JoinHandle<Vec<ConnResult>>>> {
+    let conns = shared.opts.conns;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = (cores / 2).clamp(1, conns);
+    // A ring belongs to the thread that submits to it; one made here tells
+    // whether this kernel allows it.
+    if let Err(e) = uring::ring(1) {
+        eprintln!("kvmesh bench: io_uring refused ({e}); the async runtime drives the connections");
+        return None;
+    }
+    let handles = (0..threads)
+        .map(|t| {
+            let shared = shared.clone();
+            let ids: Vec<usize> = (t..conns).step_by(threads).collect();
+            tokio::task::spawn_blocking(move || match uring::ring(ids.len()) {
+                Ok(ring) => uring::drive(&shared, ring, ids),
+                Err(e) => vec![Err(format!("io_uring: {e}"))],
+            })
+        })
+        .collect();
+    Some(handles)
+}
+
+#[cfg(not(all(target_os = "linux", feature = "uring")))]
+fn uring_threads(_: &Arc<Shared>) -> Option<Vec<tokio::task::JoinHandle<Vec<ConnResult>>>> {
+    None
 }
 
 /// How many tasks drive `conns` TCP connections on `cores` cores: a few

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use kvmesh::bench::{BenchOptions, Target, run};
+use kvmesh::bench::{BenchOptions, ClientIo, Target, run};
 
 use crate::harness::*;
 
@@ -45,6 +45,7 @@ async fn memory_stays_flat_under_steady_load() {
         value_size: 64,
         prefill: true,
         subject: None,
+        io: ClientIo::Uring,
     }));
     // Connections that come and go, some leaving mid-request.
     let stop = Arc::new(AtomicBool::new(false));
